@@ -1,0 +1,60 @@
+"""deltatune: parameter-efficient fine-tuning for any transformer, one composable core."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .api import (
+    activate,
+    attach,
+    count_parameters,
+    deactivate,
+    delete,
+    deltas,
+    detach,
+    disabled,
+    merge,
+    merge_and_detach,
+    route,
+    trainable_parameters,
+    unmerge,
+)
+from .config import DeltaConfig, config, methods
+from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
+from .io import load, save
+from .methods.lora import LoRAConfig
+from .report import plan, summary
+
+try:
+    __version__ = version("deltatune")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DeltaConfig",
+    "DeltatuneError",
+    "LoRAConfig",
+    "ModelLoadError",
+    "TargetError",
+    "activate",
+    "attach",
+    "config",
+    "count_parameters",
+    "deactivate",
+    "delete",
+    "deltas",
+    "detach",
+    "disabled",
+    "load",
+    "merge",
+    "merge_and_detach",
+    "methods",
+    "plan",
+    "route",
+    "save",
+    "summary",
+    "trainable_parameters",
+    "unmerge",
+]

@@ -1,0 +1,314 @@
+"""Functions over an unwrapped model: attach, switch, merge, route, count, detach.
+
+The model is always the user's own object. ``attach`` swaps target modules for
+:class:`~deltatune.layer.DeltaLayer` wrappers in place and returns the same model; every other
+function reads the state it needs from those wrappers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .anatomy import analyze, iter_modules
+from .config import DeltaConfig
+from .errors import ConfigError, TargetError
+from .layer import DeltaLayer, Routing, delta_layers
+from .targets import lookup, select
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: set on the model at the first attach: parameter name -> requires_grad before deltatune froze it
+_SAVED_REQUIRES_GRAD = "_deltatune_requires_grad"
+
+
+@dataclass
+class DeltaInfo:
+    """What the module tree says about one named delta."""
+
+    name: str
+    config: DeltaConfig
+    paths: list[str] = field(default_factory=list)
+    active: bool = False
+    merged: bool = False
+    num_params: int = 0
+
+
+def deltas(model: nn.Module) -> dict[str, DeltaInfo]:
+    """Every delta attached to ``model``, by name, in attach order."""
+    found: dict[str, DeltaInfo] = {}
+    for path, layer in delta_layers(model).items():
+        for name, delta in layer.deltas.items():
+            info = found.setdefault(name, DeltaInfo(name, delta.config))
+            info.paths.append(path)
+            info.active |= name in layer.active
+            info.merged |= name in layer.merged
+            info.num_params += sum(p.numel() for p in delta.parameters())
+    return found
+
+
+def _names(model: nn.Module, names: str | Iterable[str] | None, default: Iterable[str]) -> list[str]:
+    existing = deltas(model)
+    chosen = [names] if isinstance(names, str) else list(default if names is None else names)
+    for name in chosen:
+        if name not in existing:
+            have = ", ".join(repr(n) for n in existing) or "none"
+            raise ConfigError(f"no delta named {name!r} on this model; attached deltas: {have}")
+    return chosen
+
+
+def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, DeltaLayer) else module
+
+
+def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] | None):
+    anatomy = analyze(model)
+    if paths is None:
+        selection = select(
+            model,
+            config.target_spec,
+            exclude=config.exclude,
+            layers=config.layers,
+            accepts=config.accepts,
+            each_must_match=config.targets is not None,
+            what=f"method {config.method!r}",
+            anatomy=anatomy,
+        )
+        return list(selection.paths), anatomy
+    modules = dict(iter_modules(model))
+    for path in paths:
+        if path not in modules:
+            raise TargetError(f"module {path!r} does not exist in this model")
+        if not config.accepts(modules[path]):
+            raise TargetError(f"method {config.method!r} cannot adapt {path} ({type(modules[path]).__name__})")
+    return list(paths), anatomy
+
+
+def _build_all(model, config, paths, anatomy, initialize, device=None):
+    modules = dict(iter_modules(model))
+    built = {}
+    for path in paths:
+        base = modules[path]
+        options = {
+            key: lookup(patterns, path, base, anatomy, getattr(config, key))
+            for key, patterns in config.per_module_options().items()
+        }
+        if device is not None:
+            options["device"] = device
+        built[path] = config.build(path, base, options, initialize=initialize)
+    return built
+
+
+def attach(
+    model: nn.Module,
+    config: DeltaConfig,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    paths: Sequence[str] | None = None,
+    initialize: bool = True,
+) -> nn.Module:
+    """Attach a new delta called ``name``; returns the same model, changed in place.
+
+    Every base parameter is frozen (the previous ``requires_grad`` flags come back when the last
+    delta is detached); the new delta's parameters are trainable. ``paths`` bypasses target
+    resolution (used when loading a checkpoint that lists its modules).
+    """
+    if not isinstance(config, DeltaConfig):
+        raise ConfigError(f"attach needs a delta config (e.g. deltatune.LoRAConfig()), got {type(config).__name__}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"delta name must be letters, digits, '_' or '-', got {name!r}")
+    if name in deltas(model):
+        raise ConfigError(f"a delta named {name!r} is already attached; detach it first or choose another name")
+    chosen, anatomy = _resolve_paths(model, config, paths)
+    built = _build_all(model, config, chosen, anatomy, initialize)
+
+    if not delta_layers(model):
+        setattr(model, _SAVED_REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for path, delta in built.items():
+        current = model.get_submodule(path)
+        layer = current if isinstance(current, DeltaLayer) else DeltaLayer(current)
+        if layer is not current:
+            _set_child(model, path, layer)
+        layer.deltas[name] = delta
+        layer.set_active(layer.active + (name,) if activate else layer.active)
+    return model
+
+
+def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Remove deltas (all by default), unmerging them first; restores the original modules."""
+    chosen = set(_names(model, names, deltas(model)))
+    for path, layer in delta_layers(model).items():
+        for name in [n for n in layer.deltas if n in chosen]:
+            layer.remove(name)
+        if not layer.deltas:
+            _set_child(model, path, layer.base)
+    if not delta_layers(model):
+        _restore_requires_grad(model)
+    return model
+
+
+def delete(model: nn.Module, name: str) -> nn.Module:
+    """Remove one named delta; the others stay as they are."""
+    return detach(model, [name])
+
+
+def _restore_requires_grad(model: nn.Module) -> None:
+    saved = model.__dict__.pop(_SAVED_REQUIRES_GRAD, None)
+    if saved is None:
+        return
+    for n, p in model.named_parameters():
+        p.requires_grad_(saved.get(n, p.requires_grad))
+
+
+def activate(model: nn.Module, names: str | Iterable[str], *, exclusive: bool = True) -> nn.Module:
+    """Make ``names`` active: only them (``exclusive``, i.e. switch) or in addition to the others."""
+    chosen = _names(model, names, ())
+    for layer in delta_layers(model).values():
+        keep = () if exclusive else layer.active
+        dropped = [n for n in layer.merged if n not in chosen] if exclusive else []
+        if dropped:
+            raise ConfigError(f"delta {dropped[0]!r} is merged into the weights; unmerge it before switching away")
+        layer.set_active(tuple(dict.fromkeys((*keep, *chosen))))
+    return model
+
+
+def deactivate(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Make deltas inactive (all by default); their parameters stay attached."""
+    chosen = set(_names(model, names, deltas(model)))
+    for layer in delta_layers(model).values():
+        merged = [n for n in layer.merged if n in chosen]
+        if merged:
+            raise ConfigError(f"delta {merged[0]!r} is merged into the weights; unmerge it before deactivating")
+        layer.set_active(n for n in layer.active if n not in chosen)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every delta off (merged ones taken out) inside the block."""
+    layers = delta_layers(model)
+    saved = {path: (layer.active, layer.merged) for path, layer in layers.items()}
+    for layer in layers.values():
+        layer.unmerge(layer.merged)
+        layer.set_active(())
+    try:
+        yield model
+    finally:
+        for path, layer in layers.items():
+            active, merged = saved[path]
+            layer.merge(merged)
+            layer.set_active(active)
+
+
+def _check_mergeable(model: nn.Module, names: list[str]) -> None:
+    infos = deltas(model)
+    for name in names:
+        if not infos[name].config.supports_merge:
+            raise ConfigError(f"delta {name!r} uses method {infos[name].config.method!r}, which cannot be merged")
+
+
+def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, keep_exact: bool | None = None) -> nn.Module:
+    """Fold deltas (the active ones by default) into the base weights: zero inference overhead.
+
+    Unmerging restores the weights exactly for half-precision bases, and to float rounding for
+    fp32 bases unless ``keep_exact=True`` (which keeps a copy of each touched weight).
+    """
+    infos = deltas(model)
+    chosen = _names(model, names, [n for n, i in infos.items() if i.active])
+    _check_mergeable(model, chosen)
+    for layer in delta_layers(model).values():
+        layer.merge([n for n in chosen if n in layer.deltas], keep_exact=keep_exact)
+        layer.set_active(tuple(dict.fromkeys((*layer.active, *(n for n in chosen if n in layer.deltas)))))
+    return model
+
+
+def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Take merged deltas (all by default) back out of the weights; they stay active."""
+    chosen = _names(model, names, [n for n, i in deltas(model).items() if i.merged])
+    for layer in delta_layers(model).values():
+        layer.unmerge(chosen)
+    return model
+
+
+def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Merge deltas (the active ones by default) and remove every deltatune module.
+
+    Returns the same model object, now plain: its state dict has the original keys and can be
+    saved with ``save_pretrained`` and loaded without deltatune.
+    """
+    infos = deltas(model)
+    chosen = _names(model, names, [n for n, i in infos.items() if i.active])
+    _check_mergeable(model, chosen)
+    for path, layer in delta_layers(model).items():
+        layer.merge([n for n in chosen if n in layer.deltas], keep_exact=False)
+        layer._weights_before_merge = None  # the merge is final: no way back, no copy kept
+        _set_child(model, path, layer.base)
+    _restore_requires_grad(model)
+    return model
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Mixed batch: sample i goes through delta ``names_per_sample[i]`` (None: the base model).
+
+    Works with ``generate`` (beams and multiple sequences per prompt included). Merged deltas
+    must be unmerged first, since their update is in the shared weights.
+    """
+    infos = deltas(model)
+    wanted = [n for n in dict.fromkeys(names_per_sample) if n is not None]
+    _names(model, wanted, ())
+    for name in wanted:
+        if not infos[name].config.supports_mixed_batch:
+            raise ConfigError(f"method {infos[name].config.method!r} of delta {name!r} does not support mixed batches")
+    merged = [n for n, i in infos.items() if i.merged]
+    if merged:
+        raise ConfigError(f"delta {merged[0]!r} is merged into the weights; unmerge it before routing a mixed batch")
+    routing = Routing(list(names_per_sample))
+    layers = list(delta_layers(model).values())
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+def trainable_parameters(model: nn.Module, names: str | Iterable[str] | None = None) -> list[nn.Parameter]:
+    """Parameters of the named deltas (the active ones by default), for an optimizer."""
+    infos = deltas(model)
+    chosen = set(_names(model, names, [n for n, i in infos.items() if i.active]))
+    params: list[nn.Parameter] = []
+    for layer in delta_layers(model).values():
+        for name, delta in layer.deltas.items():
+            if name in chosen:
+                params.extend(p for p in delta.parameters() if p.requires_grad)
+    return params
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; shared (tied) parameters count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def base_model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    names = getattr(config, "architectures", None) if config is not None else None
+    return names[0] if names else type(model).__name__

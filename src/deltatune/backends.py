@@ -1,0 +1,137 @@
+"""What a base layer is, to a method: a weight W of shape (out, in), a way to read its input.
+
+Methods never look at the module class. They ask a backend for the dense weight (oriented
+``(out_features, in_features)`` whatever the storage layout), for an in-place weight update
+(merging), and for the input projection ``x -> A x`` (which for an Embedding is a lookup of
+the token ids in the columns of A). A new kind of base layer (e.g. 4-bit) is one more backend;
+no method changes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Backend:
+    """Base-layer access shared by all methods. Subclasses fix the storage layout."""
+
+    kind = "abstract"
+    #: whether the layer's input is a float activation (False for token ids)
+    takes_activations = True
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def in_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        raise NotImplementedError
+
+    def dense_weight(self) -> Tensor:
+        """W as (out, in); a view of the stored weight where the layout allows."""
+        raise NotImplementedError
+
+    def add_to_weight(self, delta: Tensor) -> None:
+        """W += delta (delta given as (out, in)), in place, in the weight's dtype."""
+        with torch.no_grad():
+            self.dense_weight().add_(delta.to(self.dtype))
+
+    def project_input(self, x: Tensor, a: Tensor) -> Tensor:
+        """x -> x A^T for A of shape (r, in): the first factor of a low-rank update."""
+        return F.linear(x, a.to(x.dtype))
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """W x without the bias."""
+        return F.linear(x, self.dense_weight())
+
+
+class LinearBackend(Backend):
+    """``torch.nn.Linear``: weight stored (out, in)."""
+
+    kind = "linear"
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def dense_weight(self) -> Tensor:
+        return self.weight
+
+
+class Conv1DBackend(Backend):
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored transposed, (in, out)."""
+
+    kind = "conv1d"
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def dense_weight(self) -> Tensor:
+        return self.weight.T
+
+
+class EmbeddingBackend(Backend):
+    """``torch.nn.Embedding`` read as a linear map from one-hot token ids: W = weight^T."""
+
+    kind = "embedding"
+    takes_activations = False
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def dense_weight(self) -> Tensor:
+        return self.weight.T
+
+    def project_input(self, x: Tensor, a: Tensor) -> Tensor:
+        return F.embedding(x, a.T)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return F.embedding(x, self.weight)
+
+
+def backend_for(module: nn.Module) -> Backend | None:
+    """The backend for a module, or None when no backend knows its kind."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return LinearBackend(module)
+    if isinstance(module, Conv1D):
+        return Conv1DBackend(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingBackend(module)
+    return None

@@ -1,0 +1,172 @@
+"""Delta configurations: frozen dataclasses validated when built, with a JSON/YAML round trip.
+
+Each method registers its config class under its name, so ``config("lora", r=16)`` and
+``LoRAConfig(r=16)`` build the same object. Field names are the CLI flag names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from .errors import ConfigError
+
+_REGISTRY: dict[str, type["DeltaConfig"]] = {}
+
+
+def register(cls: type["DeltaConfig"]) -> type["DeltaConfig"]:
+    """Class decorator: make a config class reachable by its ``method`` name."""
+    _REGISTRY[cls.method] = cls
+    return cls
+
+
+def methods() -> list[str]:
+    """Names of every registered method."""
+    return sorted(_REGISTRY)
+
+
+def _closest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def config_class(method: str | type["DeltaConfig"]) -> type["DeltaConfig"]:
+    """The config class registered for ``method`` (a name, case-insensitive, or the class)."""
+    if isinstance(method, type) and issubclass(method, DeltaConfig):
+        return method
+    key = str(method).lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ConfigError(
+            f"unknown method {method!r}; available methods: {', '.join(methods())}."
+            + _closest(key, methods())
+        )
+    return _REGISTRY[key]
+
+
+def config(method: str | type["DeltaConfig"], **options: Any) -> "DeltaConfig":
+    """Build a validated config: ``config("lora", r=16, alpha=32, targets=["q_proj"])``."""
+    cls = config_class(method)
+    cls.check_option_names(options)
+    return cls(**options)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaConfig:
+    """What every delta config has: where it goes, and how it serialises.
+
+    ``targets`` and ``exclude`` use the one pattern language of :mod:`deltatune.targets`;
+    ``layers`` limits them to some transformer blocks (``[20, 21]``, ``"top:8"``,
+    ``"bottom:4"`` or a ``"start:stop"`` slice). ``targets=None`` means the method's default.
+    """
+
+    method: ClassVar[str] = ""
+    #: the target spec used when ``targets`` is None; its patterns may match nothing singly
+    default_targets: ClassVar[tuple[str, ...]] = ()
+    #: capabilities, checked when the config is attached
+    supports_merge: ClassVar[bool] = False
+    supports_mixed_batch: ClassVar[bool] = False
+
+    targets: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    layers: tuple[int, ...] | str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(p.strip() for p in value.split(",") if p.strip())
+            elif value is not None:
+                value = tuple(value)
+            object.__setattr__(self, name, value)
+        if isinstance(self.layers, (list, tuple)):
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the bad value and the allowed ones."""
+        from .targets import validate_layers, validate_pattern
+
+        if self.targets is not None:
+            if not self.targets:
+                raise ConfigError("targets is empty; give at least one pattern, or None for the default")
+            for pattern in self.targets:
+                validate_pattern(pattern)
+        for pattern in self.exclude:
+            validate_pattern(pattern)
+        validate_layers(self.layers)
+
+    @property
+    def target_spec(self) -> tuple[str, ...]:
+        return self.targets if self.targets is not None else self.default_targets
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def check_option_names(cls, options: Mapping[str, Any]) -> None:
+        valid = cls.option_names()
+        for key in options:
+            if key not in valid:
+                raise ConfigError(
+                    f"unknown option {key!r} for method {cls.method!r}; valid options: "
+                    f"{', '.join(valid)}." + _closest(key, valid)
+                )
+
+    def replace(self, **changes: Any) -> "DeltaConfig":
+        self.check_option_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> "DeltaConfig":
+        if "method" not in data:
+            raise ConfigError(f"config has no 'method' field; available methods: {', '.join(methods())}")
+        options = {k: v for k, v in data.items() if k != "method"}
+        return config(data["method"], **options)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
+        else:
+            path.write_text(self.to_json() + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> "DeltaConfig":
+        return DeltaConfig.from_dict(read_mapping(path))
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML file holding one mapping, with an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # the parser's own message says where; keep it, add the file
+        raise ConfigError(f"cannot parse {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of option names to values, got {type(data).__name__}")
+    return data

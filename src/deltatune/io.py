@@ -1,0 +1,223 @@
+"""Saving and loading deltas: safetensors for tensors, JSON for everything else. Never pickle.
+
+A saved delta is a directory with ``delta_config.json`` (method, config, numeric semantics,
+library version, base fingerprint) and ``delta.safetensors``, whose keys are the adapted
+module's path plus the delta's parameter name (``model.layers.0.self_attn.q_proj.A``). Several
+deltas saved together go in one sub-directory each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .anatomy import analyze, iter_modules
+from .api import _build_all, _names, attach, base_model_name, deltas
+from .backends import backend_for
+from .config import DeltaConfig
+from .errors import CheckpointError
+from .layer import delta_layers
+
+CONFIG_FILE = "delta_config.json"
+WEIGHTS_FILE = "delta.safetensors"
+FORMAT_VERSION = 1
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def fingerprint(model: nn.Module, paths: Iterable[str]) -> str:
+    """A cheap hash of the adapted modules' paths, kinds and shapes (no weights read)."""
+    modules = dict(iter_modules(model))
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        backend = backend_for(modules[path])
+        digest.update(f"{path}:{backend.kind}:{backend.out_features}x{backend.in_features};".encode())
+    return digest.hexdigest()[:16]
+
+
+def save(model: nn.Module, path: str | Path, names: str | Iterable[str] | None = None) -> list[Path]:
+    """Save deltas (all by default). One delta goes in ``path``; several, in ``path/<name>``."""
+    infos = deltas(model)
+    chosen = _names(model, names, infos)
+    if not chosen:
+        raise CheckpointError("this model has no delta to save; attach one first")
+    root = Path(path)
+    written = []
+    layers = delta_layers(model)
+    for name in chosen:
+        info = infos[name]
+        target = root if len(chosen) == 1 else root / name
+        target.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for module_path in info.paths:
+            for key, value in layers[module_path].deltas[name].state_dict().items():
+                tensors[f"{module_path}.{key}"] = value.detach().contiguous().cpu()
+        save_file(tensors, str(target / WEIGHTS_FILE), metadata={"format": "pt", "delta": name})
+        meta = {
+            "format": "deltatune",
+            "format_version": FORMAT_VERSION,
+            "library_version": _library_version(),
+            "name": name,
+            "config": info.config.to_dict(),
+            "numerics": _numerics(layers[info.paths[0]].deltas[name]),
+            "base": {
+                "architecture": base_model_name(model),
+                "fingerprint": fingerprint(model, info.paths),
+                "modules": len(info.paths),
+            },
+        }
+        (target / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        written.append(target)
+    return written
+
+
+def _numerics(delta: nn.Module) -> dict:
+    first = next(iter(delta.parameters()))
+    described = {"param_dtype": str(first.dtype).removeprefix("torch.")}
+    config = getattr(delta, "config", None)
+    if getattr(config, "method", None) == "lora":
+        described["scale"] = "alpha/sqrt(r)" if config.rslora else "alpha/r"
+    return described
+
+
+def _read_meta(directory: Path) -> dict:
+    config_path = directory / CONFIG_FILE
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if meta.get("format") != "deltatune" or "config" not in meta:
+        raise CheckpointError(f"{config_path} is not a deltatune delta config")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has format version {meta['format_version']}; this deltatune reads up to "
+            f"{FORMAT_VERSION} — upgrade deltatune"
+        )
+    return meta
+
+
+def delta_directories(path: str | Path) -> list[Path]:
+    """The delta directories under ``path``: itself, or its sub-directories for a multi-delta save."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"no saved delta at {str(root)!r}: the path does not exist")
+    if (root / CONFIG_FILE).is_file():
+        return [root]
+    found = sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}"))
+    if not found:
+        raise CheckpointError(f"{str(root)!r} holds no {CONFIG_FILE} (nor sub-directories with one)")
+    return found
+
+
+def load(
+    model: nn.Module,
+    path: str | Path,
+    name: str | None = None,
+    *,
+    strict: bool = True,
+    activate: bool = True,
+) -> list[str]:
+    """Attach saved deltas to ``model`` and fill in their weights; returns the names attached.
+
+    With ``strict`` (the default) a checkpoint made for another base is refused: a module it
+    adapts that is missing here, or of another shape, or another architecture. ``strict=False``
+    loads what fits and warns about the rest.
+    """
+    directories = delta_directories(path)
+    if name is not None and len(directories) > 1:
+        raise CheckpointError(f"{str(path)!r} holds {len(directories)} deltas; load them without a name")
+    names = []
+    for directory in directories:
+        meta = _read_meta(directory)
+        config = DeltaConfig.from_dict(meta["config"])
+        delta_name = name or meta.get("name", "default")
+        weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise CheckpointError(f"{directory} has a config but no {WEIGHTS_FILE}")
+        tensors = load_file(str(weights_path))
+        per_module = _group_by_module(tensors, model)
+        paths = _check_fit(model, config, meta, per_module, directory, strict)
+        attach(model, config, delta_name, activate=activate, paths=paths, initialize=False)
+        layers = delta_layers(model)
+        for module_path in paths:
+            delta = layers[module_path].deltas[delta_name]
+            state = per_module[module_path]
+            expected = delta.state_dict()
+            if set(state) != set(expected):
+                raise CheckpointError(
+                    f"{directory}: tensors for {module_path} are {sorted(state)}, but a {config.method} delta "
+                    f"with this config has {sorted(expected)}"
+                )
+            with torch.no_grad():
+                for key, value in state.items():
+                    target = expected[key]
+                    if target.shape != value.shape:
+                        raise CheckpointError(
+                            f"{directory}: {module_path}.{key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                        )
+                    target.copy_(value.to(dtype=target.dtype, device=target.device))
+        names.append(delta_name)
+    return names
+
+
+def _group_by_module(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    # keys are "<module path>.<parameter name>"; module paths may contain dots and any word,
+    # so split at the longest prefix that is a module path in this model, else at the last dot
+    modules = {p for p, _ in iter_modules(model)}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        split = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), len(parts) - 1)
+        grouped.setdefault(".".join(parts[:split]), {})[".".join(parts[split:])] = value
+    return grouped
+
+
+def _check_fit(model, config, meta, per_module, directory, strict) -> list[str]:
+    modules = dict(iter_modules(model))
+    base = meta.get("base", {})
+    here = base_model_name(model)
+    problems = []
+    fits = []
+    for module_path in per_module:
+        module = modules.get(module_path)
+        if module is None or backend_for(module) is None:
+            problems.append(f"{module_path} does not exist here")
+        else:
+            fits.append(module_path)
+    if not problems and base.get("fingerprint") not in (None, fingerprint(model, fits)):
+        problems.append("the adapted modules have other shapes here")
+    if base.get("architecture") not in (None, here):
+        problems.append(f"it was made for {base['architecture']}, this model is {here}")
+    if problems:
+        message = (
+            f"the delta in {directory} does not fit this model: {'; '.join(problems[:4])}"
+            + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
+        )
+        if strict:
+            raise CheckpointError(message + ". Pass strict=False to load what fits.")
+        warnings.warn(message + "; loading the modules that fit", stacklevel=3)
+        fits = _same_shapes(model, config, fits, per_module)
+    if not fits:
+        raise CheckpointError(f"none of the modules of the delta in {directory} fit this model")
+    return fits
+
+
+def _same_shapes(model, config, paths, per_module) -> list[str]:
+    """The paths whose saved tensors have the shapes this config's delta has there."""
+    built = _build_all(model, config, paths, analyze(model), initialize=False, device=torch.device("meta"))
+    return [
+        p for p in paths
+        if {k: tuple(v.shape) for k, v in built[p].state_dict().items()}
+        == {k: tuple(v.shape) for k, v in per_module[p].items()}
+    ]

@@ -1,0 +1,137 @@
+"""Counting and describing deltas: ``summary`` (what is attached) and ``plan`` (a dry run).
+
+Both work on a model built on the meta device, so a run can be sized without its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .anatomy import analyze, iter_modules
+from .api import _build_all, _resolve_paths, count_parameters, deltas
+from .backends import backend_for
+from .config import DeltaConfig
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    cells = [header] + [tuple(f"{c:,}" if isinstance(c, int) else str(c) for c in row) for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 or not c.replace(",", "").isdigit() else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Summary:
+    trainable: int
+    total: int
+    rows: tuple[tuple[str, str, str, str, int, int], ...]  # delta, method, state, role, modules, params
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def headline(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable%: {self.trainable_percent:.4f}"
+        )
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return self.headline()
+        return self.headline() + "\n" + _table(("delta", "method", "state", "role", "modules", "params"), list(self.rows))
+
+
+def summary(model: nn.Module, *, show: bool = False) -> Summary:
+    """Parameter counts: the familiar headline plus one row per delta and role."""
+    trainable, total = count_parameters(model)
+    anatomy = analyze(model)
+    rows = []
+    for name, info in deltas(model).items():
+        state = "merged" if info.merged else "active" if info.active else "inactive"
+        per_role: dict[str, list[int]] = {}
+        for path in info.paths:
+            layer = model.get_submodule(path)
+            role = anatomy.role_of.get(path, "other")
+            entry = per_role.setdefault(role, [0, 0])
+            entry[0] += 1
+            entry[1] += sum(p.numel() for p in layer.deltas[name].parameters())
+        for role, (count, params) in per_role.items():
+            rows.append((name, info.config.method, state, role, count, params))
+    result = Summary(trainable, total, tuple(rows))
+    if show:
+        print(result)
+    return result
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    path: str
+    role: str
+    layer: int | None
+    kind: str
+    shape: tuple[int, int]
+    params: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What attaching a config would do, computed without changing the model."""
+
+    config: DeltaConfig
+    modules: tuple[PlannedModule, ...]
+    base_params: int
+
+    @property
+    def delta_params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def paths(self) -> list[str]:
+        return [m.path for m in self.modules]
+
+    def __str__(self) -> str:
+        per_role: dict[tuple[str, str, tuple[int, int]], list[int]] = {}
+        for m in self.modules:
+            entry = per_role.setdefault((m.role, m.kind, m.shape), [0, 0])
+            entry[0] += 1
+            entry[1] += m.params
+        rows = [(role, kind, f"{shape[1]}→{shape[0]}", n, p) for (role, kind, shape), (n, p) in per_role.items()]
+        total = self.base_params + self.delta_params
+        lines = [
+            f"plan for {self.config.method}: {len(self.modules)} modules",
+            _table(("role", "kind", "in→out", "modules", "params"), rows),
+            f"trainable params: {self.delta_params:,} || all params: {total:,} "
+            f"|| trainable%: {100.0 * self.delta_params / total:.4f}",
+        ]
+        return "\n".join(lines)
+
+
+def plan(model: nn.Module, config: DeltaConfig) -> Plan:
+    """Dry run: the modules ``config`` would adapt and the parameters it would add.
+
+    Deltas are built on the meta device, so this allocates nothing and works on meta models.
+    """
+    paths, anatomy = _resolve_paths(model, config, None)
+    built = _build_all(model, config, paths, anatomy, initialize=False, device=torch.device("meta"))
+    modules = dict(iter_modules(model))
+    planned = []
+    for path in paths:
+        backend = backend_for(modules[path])
+        planned.append(
+            PlannedModule(
+                path=path,
+                role=anatomy.role_of.get(path, "other"),
+                layer=anatomy.layer_of.get(path),
+                kind=backend.kind if backend else type(modules[path]).__name__,
+                shape=(backend.out_features, backend.in_features) if backend else (0, 0),
+                params=sum(p.numel() for p in built[path].parameters()),
+            )
+        )
+    _, total = count_parameters(model)
+    return Plan(config, tuple(planned), total)
