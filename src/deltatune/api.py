@@ -61,10 +61,15 @@ def _names(model: nn.Module, names: str | Iterable[str] | None, default: Iterabl
     return chosen
 
 
-def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is referenced: a module can sit at several paths (T5's
+    shared embedding is also ``encoder.embed_tokens``), and every reference must see the delta."""
+    for parent in list(model.modules()):
+        if parent is new:
+            continue
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, child_name, new)
 
 
 def _base_of(module: nn.Module) -> nn.Module:
@@ -141,7 +146,7 @@ def attach(
         current = model.get_submodule(path)
         layer = current if isinstance(current, DeltaLayer) else DeltaLayer(current)
         if layer is not current:
-            _set_child(model, path, layer)
+            _replace_module(model, current, layer)
         layer.deltas[name] = delta
         layer.set_active(layer.active + (name,) if activate else layer.active)
     return model
@@ -154,7 +159,7 @@ def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Mod
         for name in [n for n in layer.deltas if n in chosen]:
             layer.remove(name)
         if not layer.deltas:
-            _set_child(model, path, layer.base)
+            _replace_module(model, layer, layer.base)
     if not delta_layers(model):
         _restore_requires_grad(model)
     return model
@@ -218,6 +223,19 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
     for name in names:
         if not infos[name].config.supports_merge:
             raise ConfigError(f"delta {name!r} uses method {infos[name].config.method!r}, which cannot be merged")
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, DeltaLayer):
+            for param_name, param in module.named_parameters(recurse=False):
+                owners.setdefault(id(param), []).append(f"{path}.{param_name}" if path else param_name)
+    for path, layer in delta_layers(model).items():
+        if any(n in layer.deltas for n in names):
+            sharers = [o for o in owners.get(id(layer.backend.weight), []) if not o.startswith(path + ".")]
+            if sharers:
+                raise ConfigError(
+                    f"cannot merge into {path}: its weight is shared with {sharers[0]} (tied embeddings), "
+                    "so merging would change both. Keep the delta unmerged, or untie the weights first."
+                )
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, keep_exact: bool | None = None) -> nn.Module:
@@ -255,7 +273,7 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None)
     for path, layer in delta_layers(model).items():
         layer.merge([n for n in chosen if n in layer.deltas], keep_exact=False)
         layer._weights_before_merge = None  # the merge is final: no way back, no copy kept
-        _set_child(model, path, layer.base)
+        _replace_module(model, layer, layer.base)
     _restore_requires_grad(model)
     return model
 
