@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .anatomy import analyze, iter_modules
-from .api import _build_all, _names, attach, base_model_name, deltas
+from .api import _build_all, _names, attach, base_model_name, delete, deltas
 from .backends import backend_for
 from .config import DeltaConfig
 from .errors import CheckpointError
@@ -149,26 +149,46 @@ def load(
         per_module = _group_by_module(tensors, model)
         paths = _check_fit(model, config, meta, per_module, directory, strict)
         attach(model, config, delta_name, activate=activate, paths=paths, initialize=False)
-        layers = delta_layers(model)
-        for module_path in paths:
-            delta = layers[module_path].deltas[delta_name]
-            state = per_module[module_path]
-            expected = delta.state_dict()
-            if set(state) != set(expected):
-                raise CheckpointError(
-                    f"{directory}: tensors for {module_path} are {sorted(state)}, but a {config.method} delta "
-                    f"with this config has {sorted(expected)}"
-                )
-            with torch.no_grad():
-                for key, value in state.items():
-                    target = expected[key]
-                    if target.shape != value.shape:
-                        raise CheckpointError(
-                            f"{directory}: {module_path}.{key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
-                        )
-                    target.copy_(value.to(dtype=target.dtype, device=target.device))
+        try:
+            _fill(model, delta_name, {p: per_module[p] for p in paths}, directory, config.method)
+        except CheckpointError:
+            delete(model, delta_name)  # never leave a delta with uninitialised weights behind
+            raise
         names.append(delta_name)
     return names
+
+
+def restore(model: nn.Module, path: str | Path, name: str) -> None:
+    """Copy saved weights into the delta ``name`` already attached to ``model`` (same config),
+    in place, so optimizers and DDP wrappers holding its parameters stay valid."""
+    (directory,) = delta_directories(path)
+    meta = _read_meta(directory)
+    info = deltas(model).get(name)
+    if info is None or info.config.to_dict() != meta["config"]:
+        raise CheckpointError(f"{directory} holds a delta with another config than {name!r} on this model")
+    per_module = _group_by_module(load_file(str(directory / WEIGHTS_FILE)), model)
+    if set(per_module) != set(info.paths):
+        raise CheckpointError(f"{directory} adapts other modules than the delta {name!r} on this model")
+    _fill(model, name, per_module, directory, info.config.method)
+
+
+def _fill(model: nn.Module, name: str, per_module: dict[str, dict[str, torch.Tensor]], directory: Path, method: str) -> None:
+    layers = delta_layers(model)
+    for module_path, state in per_module.items():
+        expected = layers[module_path].deltas[name].state_dict()
+        if set(state) != set(expected):
+            raise CheckpointError(
+                f"{directory}: tensors for {module_path} are {sorted(state)}, but a {method} delta "
+                f"with this config has {sorted(expected)}"
+            )
+        with torch.no_grad():
+            for key, value in state.items():
+                target = expected[key]
+                if target.shape != value.shape:
+                    raise CheckpointError(
+                        f"{directory}: {module_path}.{key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                    )
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

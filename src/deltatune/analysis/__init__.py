@@ -1,0 +1,1 @@
+"""Analyses of models and deltas: memory estimates (more to come with the analysis issue)."""

@@ -1,0 +1,413 @@
+"""The training loop behind ``deltatune train``: attach a delta, tune it, prove it helped.
+
+Built on accelerate, so ``accelerate launch -m deltatune train ...`` runs data-parallel with
+no change: each process takes every n-th batch, gradients are averaged by DDP, and only the
+main process evaluates, prints and writes files.
+
+Nothing is lost on interruption: Ctrl-C (or SIGTERM) writes a checkpoint of the delta, the
+optimizer, the schedule and the step, and ``--resume`` continues from the newest checkpoint
+with the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..api import attach, trainable_parameters
+from ..config import config as make_config, config_class, read_mapping
+from ..errors import ConfigError, DataError
+from ..io import restore, save as save_delta
+from ..report import summary
+from .data import (
+    IGNORE_INDEX,
+    Example,
+    PadCollator,
+    batch_indices,
+    build_prompt,
+    demo_data_path,
+    load_examples,
+    tokenize_examples,
+)
+from .evaluate import evaluate_loss, exact_match, generate_completions
+
+SCHEDULES = ("cosine", "linear", "constant")
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainSettings:
+    """Every option of ``deltatune train``; the field names are the CLI flags."""
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    name: str = "default"
+    output_dir: str = "runs/deltatune"
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 2e-3
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    completion_only: bool = True
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    bf16: bool = False
+    max_new_tokens: int = 24
+    eval_limit: int | None = None
+    samples: int = 3
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "max_length": self.max_length,
+                    "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints}
+        for name in ("max_steps", "eval_every", "save_every", "eval_limit"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        # fail now, not after the model has loaded, on a bad method or option
+        self.delta_config()
+
+    def delta_config(self):
+        return make_config(self.method, **self.method_options)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], /, **overrides: Any) -> "TrainSettings":
+        """Settings from a flat mapping (a YAML/JSON file): training fields and method options
+        side by side (``lr: 1e-3``, ``r: 16``); ``overrides`` (the CLI flags) win."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        merged = {**mapping, **{k: v for k, v in overrides.items() if v is not None}}
+        method = merged.get("method", cls.method)
+        method_fields = set(config_class(method).option_names())
+        settings: dict[str, Any] = {}
+        options = dict(merged.pop("method_options", None) or {})
+        for key, value in merged.items():
+            if key in own:
+                settings[key] = value
+            elif key in method_fields:
+                options[key] = value
+            else:
+                from ..config import _closest
+
+                raise ConfigError(
+                    f"unknown option {key!r}: not a training setting nor an option of method {method!r}."
+                    + _closest(key, sorted(own | method_fields))
+                )
+        return cls(**settings, method_options=options)
+
+    @classmethod
+    def from_file(cls, path: str | Path, /, **overrides: Any) -> "TrainSettings":
+        return cls.from_mapping(read_mapping(path), **overrides)
+
+
+@dataclass
+class Evaluation:
+    exact_match: float | None
+    loss: float
+    samples: list[dict[str, str]]
+
+
+@dataclass
+class TrainResult:
+    settings: TrainSettings
+    before: Evaluation
+    after: Evaluation
+    steps: int
+    train_seconds: float
+    total_seconds: float
+    tokens_per_second: float
+    delta_dir: Path
+    summary_line: str
+    interrupted: bool = False
+
+
+def _split_data(settings: TrainSettings) -> tuple[list[Example], list[Example]]:
+    if settings.data is None:
+        return load_examples(demo_data_path("train")), load_examples(demo_data_path("test"))
+    train = load_examples(settings.data)
+    if settings.eval_data is not None:
+        return train, load_examples(settings.eval_data)
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    held = max(1, int(len(train) * settings.eval_fraction))
+    if held >= len(train):
+        raise DataError(f"{settings.data} has {len(train)} example(s): too few to hold some out for evaluation")
+    return [train[i] for i in order[held:]], [train[i] for i in order[:held]]
+
+
+def _keeps_logits_subset(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: bool) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over label tokens, and their count.
+
+    With ``subset`` the LM head runs only on the columns holding labels (the answer span of
+    the batch): on instruction data most tokens are prompt, and a 50k-word head is a large
+    share of a small model's compute.
+    """
+    labels = batch["labels"]
+    if subset:
+        columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        first = max(int(columns.min()), 1)
+        last = int(columns.max())
+        keep = torch.arange(first - 1, last, device=labels.device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=keep, use_cache=False).logits
+        targets = labels[:, first : last + 1]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1]
+        targets = labels[:, 1:]
+    count = int((targets != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / max(count, 1), count
+
+
+def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
+    collate = PadCollator(tokenizer.pad_token_id)
+    batches = [collate([features[i] for i in idx])
+               for idx in batch_indices([len(f["input_ids"]) for f in features], 16, shuffle=False)]
+    loss = evaluate_loss(model, batches)
+    chosen = examples[: settings.eval_limit] if settings.eval_limit else examples
+    score = None
+    samples: list[dict[str, str]] = []
+    if all(e.completion for e in chosen):
+        prompts = [build_prompt(tokenizer, e) for e in chosen]
+        predictions = generate_completions(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens)
+        score = exact_match(predictions, [e.completion for e in chosen])
+        for example, prediction in list(zip(chosen, predictions))[: settings.samples]:
+            question = example.prompt[-1]["content"] if example.is_chat else example.prompt
+            samples.append({"prompt": question, "reference": example.completion, "prediction": prediction})
+    return Evaluation(score, loss, samples)
+
+
+def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
+    """Endless, seeded stream of this process's micro-batches; epoch e uses seed + e."""
+    epoch = 0
+    while True:
+        batches = batch_indices(lengths, settings.batch_size, seed=settings.seed + epoch,
+                                group_by_length=settings.group_by_length)
+        yield from batches[rank::world]
+        epoch += 1
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted((output_dir / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+class Trainer:
+    """One training run; ``run()`` does everything and returns a :class:`TrainResult`."""
+
+    def __init__(self, settings: TrainSettings, *, log: Callable[[str], None] = print, progress: bool = True):
+        self.settings = settings
+        self.log = log
+        self.progress = progress
+        self.output_dir = Path(settings.output_dir)
+
+    def run(self) -> TrainResult:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        from ..models import load_model_and_tokenizer
+
+        s = self.settings
+        started = time.perf_counter()
+        accelerator = Accelerator(mixed_precision="bf16" if s.bf16 else "no")
+        main = accelerator.is_main_process
+        log = self.log if main else (lambda _msg: None)
+        set_seed(s.seed)
+
+        train_examples, eval_examples = _split_data(s)
+        log(f"loading model {s.model or 'smollm2-135m-instruct (bundled)'}")
+        model, tokenizer = load_model_and_tokenizer(s.model)
+        train_features = tokenize_examples(tokenizer, train_examples, s.max_length, s.completion_only)
+        eval_features = tokenize_examples(tokenizer, eval_examples, s.max_length, s.completion_only)
+        log(f"data: {len(train_features)} training examples, {len(eval_features)} held out")
+
+        attach(model, s.delta_config(), s.name)
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log(str(summary(model)))
+
+        params = trainable_parameters(model, s.name)
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        micro_per_epoch = math.ceil(len(train_features) / s.batch_size / accelerator.num_processes)
+        steps_per_epoch = max(1, micro_per_epoch // s.grad_accum)
+        total_steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
+        scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=int(s.warmup_ratio * total_steps),
+                                  num_training_steps=total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        plain_model = accelerator.unwrap_model(model)
+
+        step = 0
+        if s.resume:
+            step = self._resume(plain_model, optimizer, scheduler)
+            log(f"resumed from step {step}")
+
+        before = evaluate(plain_model, tokenizer, eval_examples, eval_features, s) if main else None
+        if main:
+            log(_describe("before", before))
+
+        collate = PadCollator(tokenizer.pad_token_id)
+        stream = micro_batches([len(f["input_ids"]) for f in train_features], s,
+                               accelerator.process_index, accelerator.num_processes)
+        for _ in range(step * s.grad_accum):
+            next(stream)  # same data order as an uninterrupted run
+        subset = _keeps_logits_subset(plain_model)
+
+        bar = None
+        if main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+        interrupted = False
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        train_started = time.perf_counter()
+        tokens_seen = 0
+        smoothed = None
+        model.train()
+        try:
+            while step < total_steps:
+                for _ in range(s.grad_accum):
+                    batch = {k: v.to(accelerator.device) for k, v in collate([train_features[i] for i in next(stream)]).items()}
+                    with accelerator.autocast():
+                        loss, _count = causal_lm_loss(model, batch, subset)
+                    accelerator.backward(loss / s.grad_accum)
+                    tokens_seen += int(batch["attention_mask"].sum())
+                    smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
+                if s.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - train_started
+                if bar is not None:
+                    bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    tok_s=f"{tokens_seen * accelerator.num_processes / elapsed:.0f}")
+                    bar.update(1)
+                if main and s.eval_every and step % s.eval_every == 0 and step < total_steps:
+                    log(f"step {step}: held-out loss {_held_out_loss(plain_model, tokenizer, eval_features):.4f}")
+                    model.train()
+                if main and s.save_every and step % s.save_every == 0:
+                    self._checkpoint(plain_model, optimizer, scheduler, step)
+        except KeyboardInterrupt:
+            interrupted = True
+            if main:
+                path = self._checkpoint(plain_model, optimizer, scheduler, step)
+                log(f"\ninterrupted at step {step}; saved {path}. Continue with the same command plus --resume")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            if bar is not None:
+                bar.close()
+        train_seconds = time.perf_counter() - train_started
+
+        accelerator.wait_for_everyone()
+        after = evaluate(plain_model, tokenizer, eval_examples, eval_features, s) if main else None
+        delta_dir = self.output_dir / "delta"
+        if main:
+            log(_describe("after", after))
+            save_delta(plain_model, delta_dir, s.name)
+            tokenizer.save_pretrained(self.output_dir / "tokenizer")
+        result = TrainResult(
+            settings=s, before=before, after=after, steps=step, train_seconds=train_seconds,
+            total_seconds=time.perf_counter() - started,
+            tokens_per_second=tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9),
+            delta_dir=delta_dir, summary_line=summary(plain_model).headline(), interrupted=interrupted,
+        )
+        if main:
+            self._write_summary(result)
+        return result
+
+    def _checkpoint(self, model, optimizer, scheduler, step: int) -> Path:
+        """Write a checkpoint atomically (temp dir, then rename); keep the newest few."""
+        root = self.output_dir / CHECKPOINTS
+        target = root / f"step-{step:06d}"
+        staging = root / f".tmp-step-{step:06d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_delta(model, staging / "delta", self.settings.name)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, staging / STATE_FILE)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        for old in sorted(root.glob("step-*"))[: -self.settings.keep_checkpoints]:
+            shutil.rmtree(old)
+        return target
+
+    def _resume(self, model, optimizer, scheduler) -> int:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint under {self.output_dir / CHECKPOINTS}")
+        restore(model, checkpoint / "delta", self.settings.name)
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+
+    def _write_summary(self, result: TrainResult) -> None:
+        data = {
+            "settings": dataclasses.asdict(result.settings),
+            "before": dataclasses.asdict(result.before),
+            "after": dataclasses.asdict(result.after),
+            "steps": result.steps,
+            "train_seconds": round(result.train_seconds, 2),
+            "total_seconds": round(result.total_seconds, 2),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "parameters": result.summary_line,
+            "delta": str(result.delta_dir),
+        }
+        (self.output_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _held_out_loss(model, tokenizer, features) -> float:
+    collate = PadCollator(tokenizer.pad_token_id)
+    return evaluate_loss(model, [collate(features[i : i + 16]) for i in range(0, len(features), 16)])
+
+
+def _describe(when: str, evaluation: Evaluation) -> str:
+    score = "n/a" if evaluation.exact_match is None else f"{evaluation.exact_match:.3f}"
+    return f"{when} training: held-out exact match {score}, loss {evaluation.loss:.4f}"
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,244 @@
+"""The public API: configs, targets, switching, several deltas, save/load, counts, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+import deltatune as dt
+from deltatune.layer import delta_layers
+from zoo import tiny_inputs, tiny_model
+
+
+# configs ------------------------------------------------------------------------------------
+
+
+def test_config_by_name_equals_config_class():
+    by_name = dt.config("lora", r=16, alpha=32, targets=["q_proj", "v_proj"])
+    assert by_name == dt.LoRAConfig(r=16, alpha=32, targets=["q_proj", "v_proj"])
+    assert by_name.targets == ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_round_trip(tmp_path, suffix):
+    config = dt.LoRAConfig(r=4, dora=True, targets=["attn"], layers="top:2", rank_pattern={"attn.q": 2})
+    config.save(tmp_path / f"c{suffix}")
+    assert dt.DeltaConfig.load(tmp_path / f"c{suffix}") == config
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: dt.config("lorra"), "unknown method 'lorra'.*Did you mean 'lora'"),
+        (lambda: dt.config("lora", rank=4), "unknown option 'rank' for method 'lora'; valid options: .*\br, alpha"),
+        (lambda: dt.LoRAConfig(r=0), "r must be a positive integer.*got 0"),
+        (lambda: dt.LoRAConfig(r=-3), "got -3"),
+        (lambda: dt.LoRAConfig(alpha=0), "alpha must be a positive number"),
+        (lambda: dt.LoRAConfig(dropout=1.5), r"dropout must be in \[0, 1\)"),
+        (lambda: dt.LoRAConfig(init="xavier"), "init='xavier' is not valid; allowed: default, gaussian, pissa"),
+        (lambda: dt.LoRAConfig(targets=["re:("]), "bad regular expression"),
+        (lambda: dt.LoRAConfig(layers="middle"), "is not a layer selection"),
+        (lambda: dt.LoRAConfig(dora=True, init="pissa"), "cannot be combined"),
+        (lambda: dt.LoRAConfig(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
+    ],
+)
+def test_bad_configs_fail_when_built(call, message):
+    with pytest.raises(dt.ConfigError, match=message):
+        call()
+
+
+# targets ------------------------------------------------------------------------------------
+
+
+def _paths(model, **kwargs):
+    return dt.plan(model, dt.LoRAConfig(**kwargs)).paths
+
+
+def test_target_language():
+    model = tiny_model("llama")
+    assert _paths(model, targets=["attn.q"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert _paths(model, targets=["q_proj"]) == _paths(model, targets=["attn.q"])
+    assert _paths(model, targets=["self_attn.q_proj"]) == _paths(model, targets=["attn.q"])
+    assert _paths(model, targets=["model.layers.*.self_attn.q_proj"]) == _paths(model, targets=["attn.q"])
+    assert _paths(model, targets=[r"re:.*\.1\.mlp\..*"]) == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    assert len(_paths(model, targets=["ffn"])) == 6
+    assert "lm_head" not in _paths(model, targets=["all-linear"]) and len(_paths(model, targets=["all-linear"])) == 14
+    assert _paths(model, targets=["attn.q"], layers="top:1") == ["model.layers.1.self_attn.q_proj"]
+    assert _paths(model, targets=["attn.q"], layers=[0]) == ["model.layers.0.self_attn.q_proj"]
+    assert _paths(model, targets=["attn.q"], layers="0:1") == ["model.layers.0.self_attn.q_proj"]
+    assert len(_paths(model, targets=["attn"], exclude=["attn.k", "attn.v"])) == 4
+
+
+def test_default_targets_fit_fused_attention():
+    assert _paths(tiny_model("gpt2")) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert len(_paths(tiny_model("llama"))) == 4
+
+
+def test_target_matching_nothing_names_closest_modules():
+    with pytest.raises(dt.TargetError, match=r"'q_prj' matched no module\. Closest existing names: q_proj"):
+        dt.attach(tiny_model("llama"), dt.LoRAConfig(targets=["q_prj"]))
+    with pytest.raises(dt.TargetError, match="Roles found in this model: .*attn.qkv"):
+        dt.attach(tiny_model("gpt2"), dt.LoRAConfig(targets=["attn.q"]))
+
+
+def test_target_of_unsupported_kind_is_explained():
+    with pytest.raises(dt.TargetError, match="cannot adapt: model.layers.0.self_attn"):
+        dt.attach(tiny_model("llama"), dt.LoRAConfig(targets=["self_attn"]))
+
+
+def test_plan_changes_nothing_and_counts_like_attach():
+    model = tiny_model("llama")
+    before = [type(m) for m in model.modules()]
+    planned = dt.plan(model, dt.LoRAConfig(r=4, targets=["all-linear"]))
+    assert [type(m) for m in model.modules()] == before
+    dt.attach(model, dt.LoRAConfig(r=4, targets=["all-linear"]))
+    assert planned.delta_params == dt.summary(model).trainable
+    assert "plan for lora: 14 modules" in str(planned)
+
+
+# several deltas -----------------------------------------------------------------------------
+
+
+def test_switching_and_any_subset_active():
+    model = tiny_model("llama").eval()
+    x = tiny_inputs("llama", model)
+    for name in ("a", "b"):
+        dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q"]), name)
+        with torch.no_grad():
+            for layer in delta_layers(model).values():
+                layer.deltas[name].B.normal_()
+    out = lambda: model(**x).logits  # noqa: E731
+    assert dt.deltas(model)["a"].active and dt.deltas(model)["b"].active
+    both = out()
+    dt.activate(model, "a")
+    only_a = out()
+    assert not dt.deltas(model)["b"].active
+    dt.activate(model, "b", exclusive=False)
+    torch.testing.assert_close(out(), both)
+    dt.deactivate(model, "b")
+    torch.testing.assert_close(out(), only_a)
+    dt.deactivate(model)
+    with dt.disabled(model):
+        base = out()
+    torch.testing.assert_close(out(), base)
+    with pytest.raises(dt.ConfigError, match="no delta named 'c'.*'a', 'b'"):
+        dt.activate(model, "c")
+    with pytest.raises(dt.ConfigError, match="already attached"):
+        dt.attach(model, dt.LoRAConfig(), "a")
+
+
+def test_training_two_deltas_at_once():
+    model = tiny_model("llama")
+    x = tiny_inputs("llama", model)
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q"]), "a")
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.v"]), "b")
+    params = dt.trainable_parameters(model)
+    assert len(params) == len(dt.trainable_parameters(model, "a")) + len(dt.trainable_parameters(model, "b"))
+    model(**x).logits.pow(2).mean().backward()
+    assert all(p.grad is not None for p in params)
+
+
+def test_delete_keeps_other_deltas():
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q"]), "a")
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q", "attn.v"]), "b")
+    dt.delete(model, "b")
+    assert list(dt.deltas(model)) == ["a"]
+    assert len(delta_layers(model)) == 2
+
+
+def test_merged_delta_cannot_be_routed_or_switched_away():
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=2), "a")
+    dt.attach(model, dt.LoRAConfig(r=2), "b")
+    dt.merge(model, "a")
+    with pytest.raises(dt.ConfigError, match="unmerge it before routing"):
+        with dt.route(model, ["a", "b"]):
+            pass
+    with pytest.raises(dt.ConfigError, match="unmerge it before switching"):
+        dt.activate(model, "b")
+
+
+# save / load --------------------------------------------------------------------------------
+
+
+def test_saved_files_are_small_and_self_describing(tmp_path):
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q"]))
+    (directory,) = dt.save(model, tmp_path / "d")
+    meta = json.loads((directory / "delta_config.json").read_text())
+    assert meta["config"]["method"] == "lora" and meta["numerics"]["scale"] == "alpha/r"
+    assert meta["base"]["architecture"] == "LlamaForCausalLM" and meta["library_version"]
+    from safetensors import safe_open
+
+    with safe_open(directory / "delta.safetensors", "pt") as f:
+        assert sorted(f.keys()) == [
+            "model.layers.0.self_attn.q_proj.A", "model.layers.0.self_attn.q_proj.B",
+            "model.layers.1.self_attn.q_proj.A", "model.layers.1.self_attn.q_proj.B"]
+
+
+def test_several_deltas_save_and_load_together(tmp_path):
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=2), "a")
+    dt.attach(model, dt.LoRAConfig(r=3, targets=["ffn"]), "b")
+    dt.save(model, tmp_path / "all")
+    fresh = tiny_model("llama")
+    assert sorted(dt.load(fresh, tmp_path / "all")) == ["a", "b"]
+    assert dt.summary(fresh).trainable == dt.summary(model).trainable
+
+
+def test_loading_onto_another_base_fails_clearly(tmp_path):
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q"]))
+    dt.save(model, tmp_path / "d")
+    with pytest.raises(dt.CheckpointError, match="does not fit this model.*does not exist here.*strict=False"):
+        dt.load(tiny_model("gpt2"), tmp_path / "d")
+    wider = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(dt.CheckpointError, match="other shapes"):
+        dt.load(wider, tmp_path / "d")
+    mistral = tiny_model("mistral")
+    with pytest.raises(dt.CheckpointError, match="made for LlamaForCausalLM, this model is MistralForCausalLM"):
+        dt.load(mistral, tmp_path / "d")
+    with pytest.warns(UserWarning, match="loading the modules that fit"):
+        assert dt.load(mistral, tmp_path / "d", strict=False) == ["default"]
+
+
+def test_missing_or_corrupt_checkpoints(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(dt.CheckpointError, match="does not exist"):
+        dt.load(model, tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dt.CheckpointError, match="holds no delta_config.json"):
+        dt.load(model, tmp_path / "empty")
+    dt.attach(model, dt.LoRAConfig(r=2))
+    dt.save(model, tmp_path / "d")
+    (tmp_path / "d" / "delta_config.json").write_text("{not json")
+    with pytest.raises(dt.CheckpointError, match="not valid JSON"):
+        dt.load(tiny_model("llama"), tmp_path / "d")
+
+
+# counting -----------------------------------------------------------------------------------
+
+
+def test_opt_6_7b_count_on_meta_device_without_weights():
+    config = tf.OPTConfig(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+                          vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096)
+    with torch.device("meta"):
+        model = tf.OPTForCausalLM(config)
+    dt.attach(model, dt.LoRAConfig(r=16, targets=["q_proj", "v_proj"]))
+    summary = dt.summary(model)
+    assert summary.headline() == "trainable params: 8,388,608 || all params: 6,666,862,592 || trainable%: 0.1258"
+    assert "attn.q       32  4,194,304" in str(summary)
+
+
+def test_unknown_architecture_works_with_explicit_names():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["0", "2"]))
+    assert len(delta_layers(model)) == 2
+    with pytest.raises(dt.TargetError, match="matched no module"):
+        dt.attach(model, dt.LoRAConfig(), "other")  # default roles need an anatomy this model lacks
