@@ -33,7 +33,7 @@ def test_config_file_round_trip(tmp_path, suffix):
     "call, message",
     [
         (lambda: dt.config("lorra"), "unknown method 'lorra'.*Did you mean 'lora'"),
-        (lambda: dt.config("lora", rank=4), "unknown option 'rank' for method 'lora'; valid options: .*\br, alpha"),
+        (lambda: dt.config("lora", rank=4), r"unknown option 'rank' for method 'lora'; valid options: .*\br, alpha"),
         (lambda: dt.LoRAConfig(r=0), "r must be a positive integer.*got 0"),
         (lambda: dt.LoRAConfig(r=-3), "got -3"),
         (lambda: dt.LoRAConfig(alpha=0), "alpha must be a positive number"),
