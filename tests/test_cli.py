@@ -1,0 +1,138 @@
+"""The CLI on a tiny local model and tiny data: every command, resume, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import deltatune as dt
+from deltatune.cli.main import app
+from tiny_hub import save_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "upper.jsonl"
+    words = ["cat", "dog", "sun", "map", "box", "pen", "cup", "hat", "bus", "egg", "fox", "jam"]
+    path.write_text("".join(json.dumps({"instruction": "Upper-case:", "input": w, "output": w.upper()}) + "\n" for w in words))
+    return path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def train_args(tiny_dir, data_file, out, *extra):
+    return ("train", "--model", tiny_dir, "--data", data_file, "-o", out, "--batch-size", 4, "--lr", 0.02,
+            "--eval-limit", 2, "--max-new-tokens", 4, "--no-progress", "--targets", "all-linear", *extra)
+
+
+def test_train_end_to_end(tiny_dir, data_file, tmp_path):
+    result = invoke(*train_args(tiny_dir, data_file, tmp_path / "run", "--max-steps", 8, "--r", 4))
+    assert result.exit_code == 0, result.output
+    assert "held-out evaluation" in result.output and "trainable params:" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert summary["steps"] == 8 and summary["settings"]["method_options"]["r"] == 4
+    assert (tmp_path / "run" / "delta" / "delta.safetensors").is_file()
+
+
+def test_config_file_with_flag_override(tiny_dir, data_file, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"model: {tiny_dir}\ndata: {data_file}\nr: 2\nalpha: 4\nmax_steps: 1\n")
+    result = invoke("train", "--config", tmp_path / "c.yaml", "--r", 3, "-o", tmp_path / "run", "--no-progress",
+                    "--eval-limit", 1, "--max-new-tokens", 2)
+    assert result.exit_code == 0, result.output
+    options = json.loads((tmp_path / "run" / "summary.json").read_text())["settings"]["method_options"]
+    assert options == {"r": 3, "alpha": 4}
+
+
+def test_resume_continues_exactly_where_a_run_stopped(tiny_dir, data_file, tmp_path, monkeypatch):
+    full = invoke(*train_args(tiny_dir, data_file, tmp_path / "full", "--max-steps", 4))
+    assert full.exit_code == 0, full.output
+
+    import deltatune.train.trainer as trainer
+
+    real_loss, calls = trainer.causal_lm_loss, []
+
+    def interrupted_after_two_steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "causal_lm_loss", interrupted_after_two_steps)
+    stopped = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4))
+    assert stopped.exit_code != 0 and "interrupted at step 2" in stopped.output
+    assert (tmp_path / "cut" / "checkpoints" / "step-000002").is_dir()
+    monkeypatch.setattr(trainer, "causal_lm_loss", real_loss)
+    resumed = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from step 2" in resumed.output
+    a = load_file(tmp_path / "full" / "delta" / "delta.safetensors")
+    b = load_file(tmp_path / "cut" / "delta" / "delta.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_generate_eval_merge_inspect(tiny_dir, data_file, tmp_path):
+    assert invoke(*train_args(tiny_dir, data_file, tmp_path / "run", "--max-steps", 2)).exit_code == 0
+    delta = tmp_path / "run" / "delta"
+    out = invoke("generate", "cat", "dog", "--model", tiny_dir, "--delta", delta, "--max-new-tokens", 3)
+    assert out.exit_code == 0 and out.output.count("> ") == 2, out.output
+    out = invoke("eval", "--model", tiny_dir, "--delta", delta, "--data", data_file, "--max-new-tokens", 3)
+    assert out.exit_code == 0 and "exact match" in out.output, out.output
+    out = invoke("merge", "--model", tiny_dir, "--delta", delta, "-o", tmp_path / "merged")
+    assert out.exit_code == 0, out.output
+
+    import transformers as tf
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with_delta = tf.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    dt.load(with_delta, delta)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_delta(ids).logits, atol=1e-4, rtol=1e-4)
+
+    out = invoke("inspect", "--config", tiny_dir / "config.json", "--r", 8, "--targets", "all-linear")
+    assert out.exit_code == 0, out.output
+    assert "plan for lora: 14 modules" in out.output and "trainable params:" in out.output and "optimizer" in out.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--method", "lorra"), "unknown method 'lorra'"),
+        (("--r", 0), "r must be a positive integer"),
+        (("--targets", "q_prj"), "Closest existing names: q_proj"),
+        (("--set", "rank=3"), "unknown option 'rank'"),
+        (("--schedule", "cosine_warm"), "schedule='cosine_warm' is not valid"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tiny_dir, data_file, tmp_path, extra, message):
+    result = invoke(*train_args(tiny_dir, data_file, tmp_path / "run", "--max-steps", 1, *extra))
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_data_with_missing_field_names_line_and_field(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    result = invoke("train", "--model", tiny_dir, "--data", bad, "-o", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 2 and "line 2" in result.output and "'output'" in result.output, result.output
+
+
+def test_delta_for_another_base_is_refused(tiny_dir, data_file, tmp_path):
+    other = save_tiny_model(tmp_path / "wider", hidden=48)
+    assert invoke(*train_args(other, data_file, tmp_path / "run", "--max-steps", 1)).exit_code == 0
+    result = invoke("eval", "--model", tiny_dir, "--delta", tmp_path / "run" / "delta", "--data", data_file)
+    assert result.exit_code == 2 and "does not fit this model" in result.output, result.output

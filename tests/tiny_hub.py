@@ -1,0 +1,47 @@
+"""A tiny causal LM with a character-level tokenizer and a chat template, saved to a directory.
+
+It stands in for a real model in CLI tests: loads through the same ``from_pretrained`` path,
+trains in milliseconds, and needs no download.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+import transformers as tf
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
+    chars = sorted(set(string.printable))
+    vocab = {token: i for i, token in enumerate(SPECIAL + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_model(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
