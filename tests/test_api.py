@@ -73,9 +73,10 @@ def test_target_language():
     assert len(_paths(model, targets=["attn"], exclude=["attn.k", "attn.v"])) == 4
 
 
-def test_default_targets_fit_fused_attention():
-    assert _paths(tiny_model("gpt2")) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
-    assert len(_paths(tiny_model("llama"))) == 4
+def test_default_targets_are_all_linear_layers_but_the_head():
+    assert _paths(tiny_model("gpt2")) == _paths(tiny_model("gpt2"), targets=["all-linear"])
+    assert len(_paths(tiny_model("gpt2"))) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj × 2 blocks
+    assert len(_paths(tiny_model("llama"))) == 14
 
 
 def test_target_matching_nothing_names_closest_modules():
@@ -240,5 +241,5 @@ def test_unknown_architecture_works_with_explicit_names():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     dt.attach(model, dt.LoRAConfig(r=2, targets=["0", "2"]))
     assert len(delta_layers(model)) == 2
-    with pytest.raises(dt.TargetError, match="matched no module"):
-        dt.attach(model, dt.LoRAConfig(), "other")  # default roles need an anatomy this model lacks
+    dt.attach(model, dt.LoRAConfig(), "other")  # the default, all-linear, needs no anatomy
+    assert dt.deltas(model)["other"].paths == ["0", "2"]

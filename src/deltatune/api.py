@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
-import torch
 from torch import nn
 
 from .anatomy import analyze, iter_modules

@@ -58,8 +58,9 @@ class Backend:
             self.dense_weight().add_(delta.to(self.dtype))
 
     def project_input(self, x: Tensor, a: Tensor) -> Tensor:
-        """x -> x A^T for A of shape (r, in): the first factor of a low-rank update."""
-        return F.linear(x, a.to(x.dtype))
+        """x -> x A^T for A of shape (r, in), given in the compute dtype: the first factor of a
+        low-rank update."""
+        return F.linear(x, a)
 
     def matmul(self, x: Tensor) -> Tensor:
         """W x without the bias."""

@@ -20,11 +20,11 @@ import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 from torch import nn
 
-from .anatomy import ROLE_GROUPS, ROLES, Anatomy, analyze, iter_modules
+from .anatomy import ROLE_GROUPS, ROLES, Anatomy, analyze, is_linear_like, iter_modules
 from .errors import ConfigError, TargetError
 
 ALL_LINEAR = "all-linear"
@@ -67,12 +67,6 @@ def _kind(pattern: str) -> str:
     if any(c in pattern for c in "*?["):
         return "glob"
     return "name"
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def pattern_matches(pattern: str, path: str, module: nn.Module, anatomy: Anatomy) -> bool:
@@ -203,8 +197,3 @@ def lookup(
         if pattern_matches(pattern, path, module, anatomy):
             return value
     return default
-
-
-def iter_selected(model: nn.Module, paths: Iterable[str]) -> Iterable[tuple[str, nn.Module]]:
-    wanted = set(paths)
-    return ((p, m) for p, m in iter_modules(model) if p in wanted)

@@ -55,7 +55,9 @@ class LoRAConfig(DeltaConfig):
     """
 
     method: ClassVar[str] = "lora"
-    default_targets: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v", "attn.qkv")
+    # every linear layer but the head: QLoRA (Dettmers et al. 2023, §4) finds this is what
+    # matches full fine-tuning, where attention-only LoRA falls short
+    default_targets: ClassVar[tuple[str, ...]] = ("all-linear",)
     supports_merge: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
 
