@@ -28,7 +28,7 @@ def methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _closest(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
@@ -41,7 +41,7 @@ def config_class(method: str | type["DeltaConfig"]) -> type["DeltaConfig"]:
     if key not in _REGISTRY:
         raise ConfigError(
             f"unknown method {method!r}; available methods: {', '.join(methods())}."
-            + _closest(key, methods())
+            + did_you_mean(key, methods())
         )
     return _REGISTRY[key]
 
@@ -113,7 +113,7 @@ class DeltaConfig:
             if key not in valid:
                 raise ConfigError(
                     f"unknown option {key!r} for method {cls.method!r}; valid options: "
-                    f"{', '.join(valid)}." + _closest(key, valid)
+                    f"{', '.join(valid)}." + did_you_mean(key, valid)
                 )
 
     def replace(self, **changes: Any) -> "DeltaConfig":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import attach, trainable_parameters
-from ..config import config as make_config, config_class, read_mapping
+from ..config import config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
 from ..io import restore, save as save_delta
 from ..report import summary
@@ -121,11 +121,9 @@ class TrainSettings:
             elif key in method_fields:
                 options[key] = value
             else:
-                from ..config import _closest
-
                 raise ConfigError(
                     f"unknown option {key!r}: not a training setting nor an option of method {method!r}."
-                    + _closest(key, sorted(own | method_fields))
+                    + did_you_mean(key, sorted(own | method_fields))
                 )
         return cls(**settings, method_options=options)
 
@@ -173,8 +171,8 @@ def _keeps_logits_subset(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: bool) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over label tokens, and their count.
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: bool) -> torch.Tensor:
+    """Mean cross-entropy over label tokens.
 
     With ``subset`` the LM head runs only on the columns holding labels (the answer span of
     the batch): on instruction data most tokens are prompt, and a 50k-word head is a large
@@ -193,16 +191,11 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits[:, :-1]
         targets = labels[:, 1:]
-    count = int((targets != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / max(count, 1), count
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
-    collate = PadCollator(tokenizer.pad_token_id)
-    batches = [collate([features[i] for i in idx])
-               for idx in batch_indices([len(f["input_ids"]) for f in features], 16, shuffle=False)]
-    loss = evaluate_loss(model, batches)
+    loss = held_out_loss(model, tokenizer, features)
     chosen = examples[: settings.eval_limit] if settings.eval_limit else examples
     score = None
     samples: list[dict[str, str]] = []
@@ -308,7 +301,7 @@ class Trainer:
                 for _ in range(s.grad_accum):
                     batch = {k: v.to(accelerator.device) for k, v in collate([train_features[i] for i in next(stream)]).items()}
                     with accelerator.autocast():
-                        loss, _count = causal_lm_loss(model, batch, subset)
+                        loss = causal_lm_loss(model, batch, subset)
                     accelerator.backward(loss / s.grad_accum)
                     tokens_seen += int(batch["attention_mask"].sum())
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
@@ -324,7 +317,7 @@ class Trainer:
                                     tok_s=f"{tokens_seen * accelerator.num_processes / elapsed:.0f}")
                     bar.update(1)
                 if main and s.eval_every and step % s.eval_every == 0 and step < total_steps:
-                    log(f"step {step}: held-out loss {_held_out_loss(plain_model, tokenizer, eval_features):.4f}")
+                    log(f"step {step}: held-out loss {held_out_loss(plain_model, tokenizer, eval_features):.4f}")
                     model.train()
                 if main and s.save_every and step % s.save_every == 0:
                     self._checkpoint(plain_model, optimizer, scheduler, step)
@@ -399,7 +392,8 @@ class Trainer:
         (self.output_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _held_out_loss(model, tokenizer, features) -> float:
+def held_out_loss(model, tokenizer, features) -> float:
+    """Mean loss per label token over tokenised held-out examples, in batches of 16."""
     collate = PadCollator(tokenizer.pad_token_id)
     return evaluate_loss(model, [collate(features[i : i + 16]) for i in range(0, len(features), 16)])
 
