@@ -86,19 +86,23 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
             accepts=config.accepts,
             each_must_match=config.targets is not None,
             what=f"method {config.method!r}",
+            adapts=config.adapts,
             anatomy=anatomy,
         )
-        return list(selection.paths), anatomy
+        return list(config.expand(list(selection.paths), anatomy)), anatomy
     modules = dict(iter_modules(model))
     for path in paths:
         if path not in modules:
             raise TargetError(f"module {path!r} does not exist in this model")
-        if not config.accepts(modules[path]):
+        if not config.accepts(modules[path], anatomy.role_of.get(path)):
             raise TargetError(f"method {config.method!r} cannot adapt {path} ({type(modules[path]).__name__})")
     return list(paths), anatomy
 
 
 def _build_all(model, config, paths, anatomy, initialize, device=None):
+    """One delta per path; ``options`` carries per-module values (rank patterns...), the
+    module's role and, for dry runs, the device. ``config.link`` then wires deltas that work
+    together (a parallel adapter's input tap, factors shared across layers)."""
     modules = dict(iter_modules(model))
     built = {}
     for path in paths:
@@ -107,9 +111,11 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
             key: lookup(patterns, path, base, anatomy, getattr(config, key))
             for key, patterns in config.per_module_options().items()
         }
+        options["role"] = anatomy.role_of.get(path)
         if device is not None:
             options["device"] = device
         built[path] = config.build(path, base, options, initialize=initialize)
+    config.link(built, anatomy)
     return built
 
 
@@ -228,7 +234,11 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
             for param_name, param in module.named_parameters(recurse=False):
                 owners.setdefault(id(param), []).append(f"{path}.{param_name}" if path else param_name)
     for path, layer in delta_layers(model).items():
-        if any(n in layer.deltas for n in names):
+        for name in names:
+            reason = layer.deltas[name].merge_blocker(layer.backend) if name in layer.deltas else None
+            if reason:
+                raise ConfigError(f"cannot merge delta {name!r} into {path}: {reason}")
+        if any(n in layer.deltas for n in names) and layer.backend.weight is not None:
             sharers = [o for o in owners.get(id(layer.backend.weight), []) if not o.startswith(path + ".")]
             if sharers:
                 raise ConfigError(
@@ -271,7 +281,7 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None)
     _check_mergeable(model, chosen)
     for path, layer in delta_layers(model).items():
         layer.merge([n for n in chosen if n in layer.deltas], keep_exact=False)
-        layer._weights_before_merge = None  # the merge is final: no way back, no copy kept
+        layer.forget_original()  # the merge is final: no way back, no copy kept
         _replace_module(model, layer, layer.base)
     _restore_requires_grad(model)
     return model
@@ -314,6 +324,58 @@ def trainable_parameters(model: nn.Module, names: str | Iterable[str] | None = N
             if name in chosen:
                 params.extend(p for p in delta.parameters() if p.requires_grad)
     return params
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    loss_fn=None,
+    names: str | Iterable[str] | None = None,
+) -> int:
+    """Let deltas that choose their structure from data decide it (FAR's trainable columns,
+    SparseAdapter's gradient pruning): run ``batches`` forward and backward, accumulating the
+    gradients each delta asks for, then have each delta decide. Returns how many deltas did.
+
+    ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``. Base weights that a delta
+    reads gradients of are made to require grad only during the call.
+    """
+    infos = deltas(model)
+    chosen = set(_names(model, names, [n for n, i in infos.items() if i.active]))
+    waiting = [
+        (layer, delta)
+        for layer in delta_layers(model).values()
+        for name, delta in layer.deltas.items()
+        if name in chosen and delta.needs_calibration
+    ]
+    if not waiting:
+        return 0
+    loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
+    tensors = {id(t): t for layer, delta in waiting for t in delta.calibration_tensors(layer.backend)}
+    saved = {key: (t.requires_grad, t.grad) for key, t in tensors.items()}
+    for t in tensors.values():
+        t.grad = None
+        t.requires_grad_(True)
+    try:
+        for batch in batches:
+            loss_fn(model, batch).backward()
+        for layer, delta in waiting:
+            delta.finish_calibration(layer.backend)
+            delta.needs_calibration = False
+    finally:
+        for key, t in tensors.items():
+            t.requires_grad_(saved[key][0])
+            t.grad = saved[key][1]
+        for layer, _ in waiting:
+            layer.deltas.zero_grad(set_to_none=True)
+    return len(waiting)
+
+
+def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Tell every delta that an optimizer step finished (the trainer calls this)."""
+    for layer in delta_layers(model).values():
+        for delta in layer.deltas.values():
+            delta.after_optimizer_step(step, total_steps)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -20,6 +20,8 @@ class Backend:
     kind = "abstract"
     #: whether the layer's input is a float activation (False for token ids)
     takes_activations = True
+    #: whether the layer is a linear map with a dense (out, in) weight (False for norms & co.)
+    is_linear_map = True
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -52,10 +54,13 @@ class Backend:
         """W as (out, in); a view of the stored weight where the layout allows."""
         raise NotImplementedError
 
-    def add_to_weight(self, delta: Tensor) -> None:
-        """W += delta (delta given as (out, in)), in place, in the weight's dtype."""
-        with torch.no_grad():
-            self.dense_weight().add_(delta.to(self.dtype))
+    def stored_layout(self, dense: Tensor) -> Tensor:
+        """A tensor given as (out, in), in the layout the weight is stored in."""
+        return dense
+
+    def signature(self) -> str:
+        """Kind and parameter shapes, for checkpoint fingerprints."""
+        return f"{self.kind}:{self.out_features}x{self.in_features}"
 
     def project_input(self, x: Tensor, a: Tensor) -> Tensor:
         """x -> x A^T for A of shape (r, in), given in the compute dtype: the first factor of a
@@ -100,6 +105,9 @@ class Conv1DBackend(Backend):
     def dense_weight(self) -> Tensor:
         return self.weight.T
 
+    def stored_layout(self, dense: Tensor) -> Tensor:
+        return dense.T
+
 
 class EmbeddingBackend(Backend):
     """``torch.nn.Embedding`` read as a linear map from one-hot token ids: W = weight^T."""
@@ -118,6 +126,9 @@ class EmbeddingBackend(Backend):
     def dense_weight(self) -> Tensor:
         return self.weight.T
 
+    def stored_layout(self, dense: Tensor) -> Tensor:
+        return dense.T
+
     def project_input(self, x: Tensor, a: Tensor) -> Tensor:
         return F.embedding(x, a.T)
 
@@ -125,8 +136,50 @@ class EmbeddingBackend(Backend):
         return F.embedding(x, self.weight)
 
 
+class ModuleBackend(Backend):
+    """Any other module that holds parameters of its own (a LayerNorm, an RMSNorm, a block's
+    gate): no linear view, so only methods that add to its output or copy its parameters
+    (BitFit, LN tuning, top-layer tuning) use it. Its "features" are the last dimension of its
+    first parameter, which for a norm is the width it normalises."""
+
+    kind = "module"
+    is_linear_map = False
+
+    def _first(self) -> Tensor:
+        return next(self.module.parameters(recurse=False))
+
+    @property
+    def weight(self) -> Tensor | None:
+        weight = getattr(self.module, "weight", None)
+        return weight if isinstance(weight, Tensor) else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._first().device
+
+    @property
+    def in_features(self) -> int:
+        return self._first().shape[-1] if self._first().dim() else 1
+
+    out_features = in_features
+
+    def signature(self) -> str:
+        shapes = ",".join(f"{n}{tuple(p.shape)}" for n, p in self.module.named_parameters(recurse=False))
+        return f"{type(self.module).__name__}:{shapes}"
+
+    def dense_weight(self) -> Tensor:
+        raise TypeError(f"{type(self.module).__name__} is not a linear map; it has no dense weight")
+
+    def matmul(self, x: Tensor) -> Tensor:
+        raise TypeError(f"{type(self.module).__name__} is not a linear map")
+
+
 def backend_for(module: nn.Module) -> Backend | None:
-    """The backend for a module, or None when no backend knows its kind."""
+    """The backend for a module, or None for a module that holds no parameters of its own."""
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(module, nn.Linear):
@@ -135,4 +188,6 @@ def backend_for(module: nn.Module) -> Backend | None:
         return Conv1DBackend(module)
     if isinstance(module, nn.Embedding):
         return EmbeddingBackend(module)
+    if next(module.parameters(recurse=False), None) is not None:
+        return ModuleBackend(module)
     return None

@@ -68,6 +68,11 @@ class DeltaConfig:
     #: capabilities, checked when the config is attached
     supports_merge: ClassVar[bool] = False
     supports_mixed_batch: ClassVar[bool] = False
+    #: what the method adapts, in words, for "matched only modules it cannot adapt" errors
+    adapts: ClassVar[str] = "Linear / Conv1D / Embedding layers"
+    #: the peak learning rate ``deltatune train`` uses when none is given; methods differ by
+    #: orders of magnitude (a scale vector wants ~1e-2, full copies of whole blocks ~1e-4)
+    default_lr: ClassVar[float] = 2e-3
 
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -101,6 +106,29 @@ class DeltaConfig:
     @property
     def target_spec(self) -> tuple[str, ...]:
         return self.targets if self.targets is not None else self.default_targets
+
+    # the strategy: which modules, what delta for each, how they work together ----------------
+
+    def accepts(self, module: Any, role: str | None = None) -> bool:
+        """Whether this method can adapt ``module`` (whose anatomy role is ``role``)."""
+        raise NotImplementedError
+
+    def build(self, path: str, module: Any, options: dict[str, Any], initialize: bool = True) -> Any:
+        """The :class:`~deltatune.layer.Delta` for one module. ``options`` holds the per-module
+        values of :meth:`per_module_options`, the module's ``role`` and possibly a ``device``."""
+        raise NotImplementedError
+
+    def per_module_options(self) -> dict[str, dict[str, Any]]:
+        """Option name -> {target pattern: value}, resolved per module into ``build``'s options."""
+        return {}
+
+    def expand(self, paths: list[str], anatomy: Any) -> list[str]:
+        """The modules to adapt given the selected ones: a method may add companions (a
+        parallel adapter's input tap). Not called when loading, whose paths are complete."""
+        return paths
+
+    def link(self, built: dict[str, Any], anatomy: Any) -> None:
+        """Wire the deltas of one attach together, after all are built (default: nothing)."""
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -41,8 +41,7 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> str:
     modules = dict(iter_modules(model))
     digest = hashlib.sha256()
     for path in sorted(paths):
-        backend = backend_for(modules[path])
-        digest.update(f"{path}:{backend.kind}:{backend.out_features}x{backend.in_features};".encode())
+        digest.update(f"{path}:{backend_for(modules[path]).signature()};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -61,7 +60,7 @@ def save(model: nn.Module, path: str | Path, names: str | Iterable[str] | None =
         target.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for module_path in info.paths:
-            for key, value in layers[module_path].deltas[name].state_dict().items():
+            for key, value in layers[module_path].deltas[name].saved_state().items():
                 tensors[f"{module_path}.{key}"] = value.detach().contiguous().cpu()
         save_file(tensors, str(target / WEIGHTS_FILE), metadata={"format": "pt", "delta": name})
         meta = {
@@ -70,7 +69,9 @@ def save(model: nn.Module, path: str | Path, names: str | Iterable[str] | None =
             "library_version": _library_version(),
             "name": name,
             "config": info.config.to_dict(),
-            "numerics": _numerics(layers[info.paths[0]].deltas[name]),
+            "numerics": _numerics([layers[p].deltas[name] for p in info.paths]),
+            # every adapted module, including those whose delta stores no tensor (an input tap)
+            "paths": info.paths,
             "base": {
                 "architecture": base_model_name(model),
                 "fingerprint": fingerprint(model, info.paths),
@@ -82,10 +83,10 @@ def save(model: nn.Module, path: str | Path, names: str | Iterable[str] | None =
     return written
 
 
-def _numerics(delta: nn.Module) -> dict:
-    first = next(iter(delta.parameters()))
-    described = {"param_dtype": str(first.dtype).removeprefix("torch.")}
-    config = getattr(delta, "config", None)
+def _numerics(module_deltas: list[nn.Module]) -> dict:
+    first = next((p for d in module_deltas for p in d.parameters()), None)
+    described = {"param_dtype": str(first.dtype).removeprefix("torch.") if first is not None else None}
+    config = getattr(module_deltas[0], "config", None)
     if getattr(config, "method", None) == "lora":
         described["scale"] = "alpha/sqrt(r)" if config.rslora else "alpha/r"
     return described
@@ -147,6 +148,8 @@ def load(
             raise CheckpointError(f"{directory} has a config but no {WEIGHTS_FILE}")
         tensors = load_file(str(weights_path))
         per_module = _group_by_module(tensors, model)
+        for module_path in meta.get("paths", ()):
+            per_module.setdefault(module_path, {})
         paths = _check_fit(model, config, meta, per_module, directory, strict)
         attach(model, config, delta_name, activate=activate, paths=paths, initialize=False)
         try:
@@ -167,6 +170,8 @@ def restore(model: nn.Module, path: str | Path, name: str) -> None:
     if info is None or info.config.to_dict() != meta["config"]:
         raise CheckpointError(f"{directory} holds a delta with another config than {name!r} on this model")
     per_module = _group_by_module(load_file(str(directory / WEIGHTS_FILE)), model)
+    for module_path in meta.get("paths", ()):
+        per_module.setdefault(module_path, {})
     if set(per_module) != set(info.paths):
         raise CheckpointError(f"{directory} adapts other modules than the delta {name!r} on this model")
     _fill(model, name, per_module, directory, info.config.method)
@@ -175,20 +180,7 @@ def restore(model: nn.Module, path: str | Path, name: str) -> None:
 def _fill(model: nn.Module, name: str, per_module: dict[str, dict[str, torch.Tensor]], directory: Path, method: str) -> None:
     layers = delta_layers(model)
     for module_path, state in per_module.items():
-        expected = layers[module_path].deltas[name].state_dict()
-        if set(state) != set(expected):
-            raise CheckpointError(
-                f"{directory}: tensors for {module_path} are {sorted(state)}, but a {method} delta "
-                f"with this config has {sorted(expected)}"
-            )
-        with torch.no_grad():
-            for key, value in state.items():
-                target = expected[key]
-                if target.shape != value.shape:
-                    raise CheckpointError(
-                        f"{directory}: {module_path}.{key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
-                    )
-                target.copy_(value.to(dtype=target.dtype, device=target.device))
+        layers[module_path].deltas[name].load_saved_state(state, f"{directory}: {method} delta on {module_path}")
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -236,8 +228,13 @@ def _check_fit(model, config, meta, per_module, directory, strict) -> list[str]:
 def _same_shapes(model, config, paths, per_module) -> list[str]:
     """The paths whose saved tensors have the shapes this config's delta has there."""
     built = _build_all(model, config, paths, analyze(model), initialize=False, device=torch.device("meta"))
-    return [
-        p for p in paths
-        if {k: tuple(v.shape) for k, v in built[p].state_dict().items()}
-        == {k: tuple(v.shape) for k, v in per_module[p].items()}
-    ]
+    fitting = []
+    for p in paths:
+        # a delta that stores a compressed form (SparseAdapter) is checked by key only
+        expected = {k: tuple(v.shape) for k, v in built[p].state_dict().items()}
+        saved = per_module[p]
+        if set(saved) == set(built[p].saved_state()) and all(
+            tuple(v.shape) == expected[k] for k, v in saved.items() if k in expected
+        ):
+            fitting.append(p)
+    return fitting

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend, backend_for
+from .errors import CheckpointError, ConfigError
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -21,20 +22,90 @@ _HALF = (torch.float16, torch.bfloat16)
 class Delta(nn.Module):
     """One named delta on one base layer; each method subclasses it.
 
-    ``forward(x, base_out, backend)`` returns the layer's new output given its input and the
-    base layer's output. A mergeable delta also implements :meth:`merge_update`.
+    A delta changes its layer's computation at one or more of three points, each declared by a
+    class flag so the layer skips what a method does not use:
+
+    * ``forward(x, base_out, backend)`` -> the new output, given the layer's input and the base
+      layer's output (LoRA, bottleneck adapters, BitFit's bias): the default keeps ``base_out``;
+    * ``transform_input(x, backend)`` when ``transforms_input``: the input the base layer (and
+      the other deltas) see, e.g. (IA)³'s rescaling of the FFN hidden activation;
+    * ``replacement(x, args, kwargs, backend)`` when ``replaces_output``: computes the layer
+      output in place of the base module, e.g. with trained copies of its parameters.
+
+    A mergeable delta implements :meth:`merge_update` (a linear layer's ΔW and Δbias) or, for
+    any other parameters, :meth:`merge_parameters`.
     """
 
-    #: merging changes W by an amount that depends on W itself (DoRA), so unmerging must
-    #: restore a copy rather than subtract
+    #: merging changes W by an amount that depends on W itself (DoRA, IA3, parameter copies),
+    #: so unmerging must restore a copy rather than subtract
     merge_depends_on_weight = False
+    transforms_input = False
+    replaces_output = False
+    #: set (per instance) when the delta decides part of its structure from a few batches of
+    #: data, in :func:`deltatune.calibrate` (FAR's columns, SparseAdapter's gradient pruning)
+    needs_calibration = False
 
-    def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
+        return base_out
 
-    def merge_update(self, backend: Backend) -> tuple[Tensor, Tensor | None]:
-        """(ΔW as (out, in), Δbias or None) such that the merged layer equals this delta's forward."""
+    def transform_input(self, x: Tensor, backend: Backend) -> Tensor:
+        return x
+
+    def replacement(self, x: Tensor, args: tuple, kwargs: dict, backend: Backend) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not replace its layer's output")
+
+    # merging ---------------------------------------------------------------------------------
+
+    def merge_update(self, backend: Backend) -> tuple[Tensor | None, Tensor | None]:
+        """(ΔW as (out, in) or None, Δbias or None) such that the merged layer equals this
+        delta's forward."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weight")
+
+    def merge_parameters(self, backend: Backend) -> dict[str, Tensor]:
+        """Base parameter name -> the amount to add to it, in that parameter's stored layout."""
+        d_weight, d_bias = self.merge_update(backend)
+        changes = {}
+        if d_weight is not None:
+            changes["weight"] = backend.stored_layout(d_weight)
+        if d_bias is not None:
+            changes["bias"] = d_bias
+        return changes
+
+    def merge_blocker(self, backend: Backend) -> str | None:
+        """Why this delta cannot be merged into this particular layer, or None when it can."""
+        return None
+
+    # checkpoints -----------------------------------------------------------------------------
+
+    def saved_state(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint stores for this delta (default: its state dict)."""
+        return dict(self.state_dict())
+
+    def load_saved_state(self, state: dict[str, Tensor], where: str) -> None:
+        """Fill this delta from :meth:`saved_state`'s output; ``where`` names it in errors."""
+        expected = self.state_dict()
+        if set(state) != set(expected):
+            raise CheckpointError(f"{where}: saved tensors are {sorted(state)}, but this delta has {sorted(expected)}")
+        with torch.no_grad():
+            for key, value in state.items():
+                target = expected[key]
+                if target.shape != value.shape:
+                    raise CheckpointError(
+                        f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                    )
+                target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+    # data-driven structure and training schedules ---------------------------------------------
+
+    def calibration_tensors(self, backend: Backend) -> list[Tensor]:
+        """Tensors whose gradients :meth:`finish_calibration` reads (e.g. the base weight)."""
+        return []
+
+    def finish_calibration(self, backend: Backend) -> None:
+        """Decide the structure from the gradients accumulated by :func:`deltatune.calibrate`."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer after every optimizer step (e.g. iterative pruning)."""
 
 
 class Routing:
@@ -76,7 +147,7 @@ class DeltaLayer(nn.Module):
         super().__init__()
         backend = backend_for(base)
         if backend is None:
-            raise TypeError(f"no backend for {type(base).__name__}")
+            raise TypeError(f"{type(base).__name__} holds no parameters of its own; there is nothing to adapt")
         self.base = base
         self.deltas = nn.ModuleDict()
         self.backend = backend
@@ -84,7 +155,8 @@ class DeltaLayer(nn.Module):
         self.merged: tuple[str, ...] = ()
         self.routing: Routing | None = None
         self._unmerged: tuple[str, ...] = ()
-        self._weights_before_merge: tuple[Tensor, Tensor | None] | None = None
+        self._plain = True
+        self._params_before_merge: dict[str, Tensor] | None = None
 
     def __getattr__(self, name: str):
         # code in model files reads e.g. `self.wo.weight.dtype` or `lm_head.out_features`;
@@ -97,56 +169,89 @@ class DeltaLayer(nn.Module):
     def set_active(self, names: Iterable[str]) -> None:
         self.active = tuple(n for n in names if n in self.deltas)
         self._unmerged = tuple(n for n in self.active if n not in self.merged)
+        chosen = [self.deltas[n] for n in self._unmerged]
+        replacing = [n for n, d in zip(self._unmerged, chosen) if d.replaces_output]
+        if len(replacing) > 1:
+            raise ConfigError(
+                f"deltas {replacing[0]!r} and {replacing[1]!r} both replace the output of the same "
+                f"{type(self.base).__name__}; activate one of them at a time, or merge one first"
+            )
+        # the common case (only additive deltas) keeps the fastest path
+        self._plain = not any(d.transforms_input or d.replaces_output for d in chosen)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base(x, *args, **kwargs)
         if self.routing is not None:
-            return self._routed_forward(x, out)
-        for name in self._unmerged:
-            out = self.deltas[name](x, out, self.backend)
+            return self._routed_forward(x, args, kwargs)
+        if self._plain:
+            out = self.base(x, *args, **kwargs)
+            for name in self._unmerged:
+                out = self.deltas[name](x, out, self.backend)
+            return out
+        return self._forward_with(self._unmerged, x, args, kwargs)
+
+    def _forward_with(self, names: tuple[str, ...], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        chosen = [self.deltas[n] for n in names]
+        for delta in chosen:
+            if delta.transforms_input:
+                x = delta.transform_input(x, self.backend)
+        replacing = next((d for d in chosen if d.replaces_output), None)
+        if replacing is None:
+            out = self.base(x, *args, **kwargs)
+        else:
+            out = replacing.replacement(x, args, kwargs, self.backend)
+        for delta in chosen:
+            if not delta.replaces_output:
+                out = delta(x, out, self.backend)
         return out
 
-    def _routed_forward(self, x: Tensor, out: Tensor) -> Tensor:
+    def _routed_forward(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         # one gather/scatter per delta present in the batch, never a loop over samples
+        out = self.base(x, *args, **kwargs)
         result = out
         for name, rows in self.routing.rows_for(x.shape[0], x.device).items():
-            delta = self.deltas[name] if name in self.deltas else None
-            if delta is None:
+            if name not in self.deltas:
                 continue
-            sub = delta(x.index_select(0, rows), out.index_select(0, rows), self.backend)
+            delta = self.deltas[name]
+            x_rows = x.index_select(0, rows)
+            if delta.transforms_input or delta.replaces_output:
+                sub = self._forward_with((name,), x_rows, args, kwargs)
+            else:
+                sub = delta(x_rows, out.index_select(0, rows), self.backend)
             result = result.index_copy(0, rows, sub)
         return result
 
     # merging ---------------------------------------------------------------------------------
 
+    def _own_parameters(self) -> dict[str, Tensor]:
+        return dict(self.base.named_parameters(recurse=False))
+
     def _apply_update(self, name: str, sign: float) -> None:
-        d_weight, d_bias = self.deltas[name].merge_update(self.backend)
-        self.backend.add_to_weight(sign * d_weight)
-        if d_bias is not None:
-            with torch.no_grad():
-                bias = self.backend.bias
-                bias.copy_(bias.float() + sign * d_bias.float())
+        params = self._own_parameters()
+        with torch.no_grad():
+            for param_name, change in self.deltas[name].merge_parameters(self.backend).items():
+                param = params[param_name]
+                param.add_(change.to(device=param.device, dtype=param.dtype), alpha=sign)
 
     def merge(self, names: Iterable[str], keep_exact: bool | None = None) -> None:
-        """Add the named deltas into the base weight.
+        """Add the named deltas into the base parameters.
 
-        Half-precision weights (and weight-dependent deltas such as DoRA) keep a copy of the
-        weights from before the first merge, so any number of merge/unmerge cycles restores
-        them bit for bit; fp32 weights unmerge by subtraction unless ``keep_exact``.
+        Half-precision weights and weight-dependent deltas (DoRA, IA3, copies) keep a copy of
+        the parameters from before the first merge, so any number of merge/unmerge cycles
+        restores them bit for bit; fp32 weights unmerge by subtraction unless ``keep_exact``.
         """
         todo = [n for n in names if n in self.deltas and n not in self.merged]
         if not todo:
             return
-        if keep_exact is None:
-            keep_exact = self.backend.dtype in _HALF or any(
-                self.deltas[n].merge_depends_on_weight for n in todo
-            )
-        if keep_exact and self._weights_before_merge is None:
-            bias = self.backend.bias
-            self._weights_before_merge = (
-                self.backend.weight.detach().clone(),
-                None if bias is None else bias.detach().clone(),
-            )
+        depends = any(self.deltas[n].merge_depends_on_weight for n in todo)
+        keep_exact = depends or (self.backend.dtype in _HALF if keep_exact is None else keep_exact)
+        if keep_exact and self._params_before_merge is None:
+            if self.merged:  # merged by subtraction so far: take them out to copy the original
+                already = self.merged
+                for name in reversed(already):
+                    self._apply_update(name, -1.0)
+                self.merged = ()
+                todo = [*already, *todo]
+            self._params_before_merge = {n: p.detach().clone() for n, p in self._own_parameters().items()}
         for name in todo:
             self._apply_update(name, 1.0)
             self.merged += (name,)
@@ -157,23 +262,26 @@ class DeltaLayer(nn.Module):
         if not todo:
             return
         remaining = tuple(n for n in self.merged if n not in todo)
-        if self._weights_before_merge is not None:
-            weight, bias = self._weights_before_merge
+        if self._params_before_merge is not None:
+            params = self._own_parameters()
             with torch.no_grad():
-                self.backend.weight.copy_(weight)
-                if bias is not None:
-                    self.backend.bias.copy_(bias)
+                for param_name, saved in self._params_before_merge.items():
+                    params[param_name].copy_(saved)
             self.merged = ()
             for name in remaining:
                 self._apply_update(name, 1.0)
                 self.merged += (name,)
             if not remaining:
-                self._weights_before_merge = None
+                self._params_before_merge = None
         else:
             for name in reversed(todo):
                 self._apply_update(name, -1.0)
             self.merged = remaining
         self.set_active(self.active)
+
+    def forget_original(self) -> None:
+        """Drop the copy kept for exact unmerging (the merge is final)."""
+        self._params_before_merge = None
 
     def remove(self, name: str) -> None:
         self.unmerge([name])

@@ -140,14 +140,15 @@ def select(
     *,
     exclude: Sequence[str] = (),
     layers: tuple[int, ...] | str | None = None,
-    accepts: Callable[[nn.Module], bool],
+    accepts: Callable[[nn.Module, str | None], bool],
     each_must_match: bool = True,
     what: str = "this method",
+    adapts: str = "Linear / Conv1D / Embedding layers",
     anatomy: Anatomy | None = None,
 ) -> Selection:
     """Resolve patterns to module paths.
 
-    ``accepts`` says which module kinds the method can adapt; a pattern that matches only
+    ``accepts(module, role)`` says which modules the method can adapt; a pattern that matches only
     modules of other kinds is an error naming them. With ``each_must_match`` every pattern must
     select something (explicit user targets); otherwise only the union must (method defaults).
     """
@@ -163,7 +164,7 @@ def select(
                     break
                 if not in_selected_layers(path, layers, anatomy):
                     break
-                if accepts(module):
+                if accepts(module, anatomy.role_of.get(path)):
                     matched_by[path] = pattern
                 else:
                     rejected.setdefault(pattern, []).append(f"{path} ({type(module).__name__})")
@@ -177,7 +178,7 @@ def select(
                 examples = ", ".join(rejected[pattern][:3])
                 raise TargetError(
                     f"target {pattern!r} matched only modules {what} cannot adapt: {examples}. "
-                    "Target the Linear / Conv1D / Embedding layers inside them instead."
+                    f"It adapts {adapts}."
                 )
             limits = []
             if exclude:

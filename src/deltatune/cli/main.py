@@ -98,7 +98,7 @@ def train(
     name: Optional[str] = typer.Option(None, help="delta name"),
     epochs: Optional[float] = typer.Option(None, help="passes over the data (default 3)"),
     max_steps: Optional[int] = typer.Option(None, help="optimizer steps (overrides --epochs)"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate (default 2e-3)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the method's, 2e-3 for LoRA)"),
     schedule: Optional[str] = typer.Option(None, help="cosine | linear | constant"),
     warmup_ratio: Optional[float] = typer.Option(None, help="fraction of steps warming up"),
     weight_decay: Optional[float] = typer.Option(None),

@@ -94,9 +94,9 @@ class LoRAConfig(DeltaConfig):
                 elif not isinstance(value, (int, float)) or value <= 0:
                     raise ConfigError(f"alpha_pattern[{pattern!r}] must be positive, got {value!r}")
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: nn.Module, role: str | None = None) -> bool:
         backend = backend_for(module)
-        if backend is None:
+        if backend is None or not backend.is_linear_map:
             return False
         return backend.takes_activations or not (self.dora or self.init == "pissa")
 

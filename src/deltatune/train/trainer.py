@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import attach, trainable_parameters
+from ..api import after_optimizer_step, attach, calibrate, trainable_parameters
 from ..config import config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
 from ..io import restore, save as save_delta
@@ -62,7 +62,7 @@ class TrainSettings:
     output_dir: str = "runs/deltatune"
     epochs: float = 3.0
     max_steps: int | None = None
-    lr: float = 2e-3
+    lr: float | None = None  # None: the method's default_lr
     schedule: str = "cosine"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -84,10 +84,10 @@ class TrainSettings:
     samples: int = 3
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_length": self.max_length,
                     "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints}
-        for name in ("max_steps", "eval_every", "save_every", "eval_limit"):
+        for name in ("lr", "max_steps", "eval_every", "save_every", "eval_limit"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():
@@ -104,6 +104,10 @@ class TrainSettings:
 
     def delta_config(self):
         return make_config(self.method, **self.method_options)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else config_class(self.method).default_lr
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], /, **overrides: Any) -> "TrainSettings":
@@ -254,13 +258,18 @@ class Trainer:
         eval_features = tokenize_examples(tokenizer, eval_examples, s.max_length, s.completion_only)
         log(f"data: {len(train_features)} training examples, {len(eval_features)} held out")
 
-        attach(model, s.delta_config(), s.name)
+        delta_config = s.delta_config()
+        attach(model, delta_config, s.name)
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        collate = PadCollator(tokenizer.pad_token_id)
+        subset = _keeps_logits_subset(model)
+        if not (s.resume and latest_checkpoint(Path(s.output_dir))):  # a resumed delta has its structure
+            self._calibrate(model, delta_config, train_features, collate, subset)
         log(str(summary(model)))
 
         params = trainable_parameters(model, s.name)
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
         micro_per_epoch = math.ceil(len(train_features) / s.batch_size / accelerator.num_processes)
         steps_per_epoch = max(1, micro_per_epoch // s.grad_accum)
         total_steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
@@ -278,12 +287,10 @@ class Trainer:
         if main:
             log(_describe("before", before))
 
-        collate = PadCollator(tokenizer.pad_token_id)
         stream = micro_batches([len(f["input_ids"]) for f in train_features], s,
                                accelerator.process_index, accelerator.num_processes)
         for _ in range(step * s.grad_accum):
             next(stream)  # same data order as an uninterrupted run
-        subset = _keeps_logits_subset(plain_model)
 
         bar = None
         if main and self.progress:
@@ -311,6 +318,7 @@ class Trainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                after_optimizer_step(plain_model, step, total_steps)
                 elapsed = time.perf_counter() - train_started
                 if bar is not None:
                     bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -349,6 +357,22 @@ class Trainer:
         if main:
             self._write_summary(result)
         return result
+
+    def _calibrate(self, model, delta_config, features, collate, subset: bool) -> None:
+        """Deltas that choose their structure from data (FAR, gradient-pruned SparseAdapter)
+        see the first few training batches before the optimizer is built."""
+        count = getattr(delta_config, "calibration_batches", 0)
+        if not count:
+            return
+        s = self.settings
+        device = next(model.parameters()).device
+        batches = (
+            {k: v.to(device) for k, v in collate([features[i] for i in range(start, min(start + s.batch_size, len(features)))]).items()}
+            for start in range(0, min(count * s.batch_size, len(features)), s.batch_size)
+        )
+        done = calibrate(model, batches, loss_fn=lambda m, batch: causal_lm_loss(m, batch, subset), names=s.name)
+        if done:
+            self.log(f"calibrated {done} modules on {count} batches")
 
     def _checkpoint(self, model, optimizer, scheduler, step: int) -> Path:
         """Write a checkpoint atomically (temp dir, then rename); keep the newest few."""

@@ -1,0 +1,3 @@
+"""Invariant-suite configs for scaling methods (see test_invariants.py)."""
+
+CASES = {}

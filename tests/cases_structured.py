@@ -1,0 +1,3 @@
+"""Invariant-suite configs for structured methods (see test_invariants.py)."""
+
+CASES = {}
