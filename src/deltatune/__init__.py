@@ -6,6 +6,7 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from .api import (
     activate,
     attach,
+    calibrate,
     count_parameters,
     deactivate,
     delete,
@@ -40,6 +41,7 @@ __all__ = [
     "TargetError",
     "activate",
     "attach",
+    "calibrate",
     "config",
     "count_parameters",
     "deactivate",

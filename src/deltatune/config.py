@@ -180,6 +180,31 @@ class DeltaConfig:
         return DeltaConfig.from_dict(read_mapping(path))
 
 
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Raise ConfigError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_positive_int(name: str, value: object, what: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer{f' ({what})' if what else ''}, got {value!r}")
+
+
+def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is a real number in the given (closed or open) range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a number in {lo}, {hi}, got {value!r}")
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML file holding one mapping, with an error naming the file."""
     path = Path(path)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, register
+from ..config import DeltaConfig, check_choice, check_positive_int, register
 from ..errors import ConfigError, TargetError
 from ..layer import Delta
 from ..targets import validate_pattern
@@ -79,9 +79,9 @@ class LoRAConfig(DeltaConfig):
             raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        _check_choice("init", self.init, INITS)
-        _check_choice("bias", self.bias, BIAS_MODES)
-        _check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+        check_choice("init", self.init, INITS)
+        check_choice("bias", self.bias, BIAS_MODES)
+        check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
         if self.dora and self.init == "pissa":
             raise ConfigError("init='pissa' cannot be combined with dora=True; choose one")
         for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
@@ -124,13 +124,7 @@ class LoRAConfig(DeltaConfig):
 
 
 def _check_rank(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer (the LoRA rank), got {value!r}")
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
+    check_positive_int(name, value, "the LoRA rank")
 
 
 def _param_dtype(config: LoRAConfig, base_dtype: torch.dtype) -> torch.dtype:
