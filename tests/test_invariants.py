@@ -63,6 +63,15 @@ def merge_refused(method, model):
     return False
 
 
+def same_generation(model, a, b):
+    """Equal token for token; where one sequence stopped earlier (EOS) and was padded in its
+    batch while another row went on, the longer one may only continue with padding."""
+    n = min(len(a), len(b))
+    filler = {model.generation_config.pad_token_id, model.generation_config.eos_token_id}
+    rest = a[n:] if len(a) > n else b[n:]
+    return torch.equal(a[:n], b[:n]) and all(int(t) in filler for t in rest)
+
+
 def mixed_batches(method):
     return METHODS[method]().supports_mixed_batch
 
@@ -208,6 +217,6 @@ def test_generate_with_delta(method, arch):
         if mixed_batches(method):
             with dt.route(model, ["default", "other"]):
                 routed = model.generate(**kwargs, max_new_tokens=4, do_sample=False)
-            assert torch.equal(routed[0], one[0]) and torch.equal(routed[1], other[1])
+            assert same_generation(model, routed[0], one[0]) and same_generation(model, routed[1], other[1])
     assert torch.equal(plain, one)
     assert plain.shape[1] > kwargs["input_ids"].shape[1] or is_seq2seq(arch)

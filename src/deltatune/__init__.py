@@ -22,6 +22,7 @@ from .api import (
 from .config import DeltaConfig, config, methods
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
+from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.lora import LoRAConfig
 from .report import plan, summary
 
@@ -36,8 +37,11 @@ __all__ = [
     "DataError",
     "DeltaConfig",
     "DeltatuneError",
+    "HoulsbyConfig",
     "LoRAConfig",
     "ModelLoadError",
+    "ParallelAdapterConfig",
+    "PfeifferConfig",
     "TargetError",
     "activate",
     "attach",

@@ -57,8 +57,9 @@ class Handoff:
 class InputTap(Delta):
     """Hands the layer's input to the :class:`BesideSublayer` delta of the same sublayer."""
 
-    def __init__(self) -> None:
+    def __init__(self, config) -> None:
         super().__init__()
+        self.config = config
         self.handoff: Handoff | None = None
 
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
@@ -102,7 +103,7 @@ def sublayer_pairs(writers: list[str], anatomy: Anatomy) -> dict[str, str]:
 
     The reader is searched in the writer's block among the roles of :data:`SUBLAYERS`; with
     several sublayers of a kind in one block (BART's self- and cross-attention) the one sharing
-    the longest path prefix wins.
+    the longest path prefix wins; then the first role listed (the same input either way).
     """
     pairs = {}
     for writer in writers:
@@ -121,7 +122,10 @@ def sublayer_pairs(writers: list[str], anatomy: Anatomy) -> dict[str, str]:
         ]
         if not candidates:
             raise TargetError(f"no {' / '.join(reader_roles)} projection found in the block of {writer}")
-        pairs[writer] = max(candidates, key=lambda p: _common_prefix(p, writer))  # first wins ties
+        # closest sublayer first, then the role order of SUBLAYERS (ffn.up before ffn.gate)
+        pairs[writer] = max(
+            candidates, key=lambda p: (_common_prefix(p, writer), -reader_roles.index(anatomy.role_of[p]))
+        )
     return pairs
 
 
@@ -143,3 +147,9 @@ def link_pairs(built: dict[str, Delta], anatomy: Anatomy) -> None:
         handoff = Handoff(writer)
         built[writer].handoff = handoff
         tap.handoff = handoff
+    orphans = [p for p, d in built.items() if isinstance(d, InputTap) and d.handoff is None]
+    if orphans:
+        raise TargetError(
+            f"{orphans[0]} would only hand its input to a sublayer output projection, but none is "
+            "targeted beside it; target the output projections (attn.o, ffn.down) instead"
+        )
