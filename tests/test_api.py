@@ -243,3 +243,42 @@ def test_unknown_architecture_works_with_explicit_names():
     assert len(delta_layers(model)) == 2
     dt.attach(model, dt.LoRAConfig(), "other")  # the default, all-linear, needs no anatomy
     assert dt.deltas(model)["other"].paths == ["0", "2"]
+
+
+def test_two_methods_on_one_model_train_save_and_load_together(tmp_path):
+    """LoRA on attention and a Pfeiffer adapter on the FFN: both train, both save, both load."""
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama", model)
+    dt.attach(model, dt.LoRAConfig(r=4, targets=["attn"]), "lora")
+    dt.attach(model, dt.PfeifferConfig(bottleneck=4, init="zero_up"), "adapter")
+    dt.activate(model, ["lora", "adapter"])
+    params = dt.trainable_parameters(model)
+    assert {id(p) for p in params} == {id(p) for p in dt.trainable_parameters(model, ["lora", "adapter"])}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        model(**inputs).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name in ("lora", "adapter"):
+        layers = [layer for layer in delta_layers(model).values() if name in layer.deltas]
+        assert any(p.abs().sum() > 0 for layer in layers for n, p in layer.deltas[name].named_parameters()
+                   if n in ("B", "adapter.up.weight"))
+    expected = model(**inputs).logits
+    dt.save(model, tmp_path / "both")
+    fresh = tiny_model("llama")
+    assert sorted(dt.load(fresh, tmp_path / "both")) == ["adapter", "lora"]
+    torch.testing.assert_close(fresh(**inputs).logits, expected, atol=0, rtol=0)
+    assert {"lora", "adapter"} == {r[0] for r in dt.summary(fresh).rows}
+
+
+def test_compare_lists_every_method_side_by_side():
+    model = tiny_model("llama")
+    table = dt.compare(model)
+    methods = [row[0] for row in table.rows]
+    assert methods == dt.methods()
+    lora = next(row for row in table.rows if row[0] == "lora")
+    assert lora[2] == dt.plan(model, dt.LoRAConfig()).delta_params and not lora[3]
+    text = str(table)
+    assert "lora" in text and "houlsby" in text and "% of base" in text
+    assert table.markdown().startswith("| method |")
+    assert not list(delta_layers(model))  # a dry run

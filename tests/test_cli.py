@@ -136,3 +136,31 @@ def test_delta_for_another_base_is_refused(tiny_dir, data_file, tmp_path):
     assert invoke(*train_args(other, data_file, tmp_path / "run", "--max-steps", 1)).exit_code == 0
     result = invoke("eval", "--model", tiny_dir, "--delta", tmp_path / "run" / "delta", "--data", data_file)
     assert result.exit_code == 2 and "does not fit this model" in result.output, result.output
+
+
+# every method through the same command; the tiny Llama has no biases, so BitFit adds them
+METHOD_FLAGS = {
+    "houlsby": (), "pfeiffer": (), "parallel": (), "sparse_adapter": (), "ia3": (),
+    "bitfit": ("--set", "add_missing=true"), "ln_tuning": (), "top_layers": ("--set", "k=1"),
+    "krona": (), "compacter": (), "compacter++": (), "far": (),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
+def test_every_method_trains_saves_and_evaluates_from_the_cli(tiny_dir, data_file, tmp_path, method):
+    run = tmp_path / "run"
+    out = invoke("train", "--model", tiny_dir, "--data", data_file, "-o", run, "--batch-size", 4, "--max-steps", 2,
+                 "--eval-limit", 2, "--max-new-tokens", 2, "--no-progress", "--method", method, *METHOD_FLAGS[method])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((run / "delta" / "delta_config.json").read_text())
+    assert saved["config"]["method"] == method
+    result = invoke("eval", "--model", tiny_dir, "--delta", run / "delta", "--data", data_file, "--max-new-tokens", 2)
+    assert result.exit_code == 0 and "exact match" in result.output, result.output
+
+
+def test_inspect_all_compares_methods(tiny_dir):
+    out = invoke("inspect", "--config", tiny_dir / "config.json", "--method", "all")
+    assert out.exit_code == 0, out.output
+    for method in ("lora", *METHOD_FLAGS):
+        assert method in out.output
+    assert "% of base" in out.output

@@ -24,7 +24,7 @@ from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, Mod
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.lora import LoRAConfig
-from .report import plan, summary
+from .report import compare, plan, summary
 
 try:
     __version__ = version("deltatune")
@@ -46,6 +46,7 @@ __all__ = [
     "activate",
     "attach",
     "calibrate",
+    "compare",
     "config",
     "count_parameters",
     "deactivate",

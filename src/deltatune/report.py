@@ -13,7 +13,8 @@ from torch import nn
 from .anatomy import analyze, iter_modules
 from .api import _build_all, _resolve_paths, count_parameters, deltas
 from .backends import backend_for
-from .config import DeltaConfig
+from .config import DeltaConfig, config as make_config, methods
+from .errors import DeltatuneError
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -30,6 +31,7 @@ class Summary:
     trainable: int
     total: int
     rows: tuple[tuple[str, str, str, str, int, int], ...]  # delta, method, state, role, modules, params
+    base_total: int = 0  # parameters of the model without any delta
 
     @property
     def trainable_percent(self) -> float:
@@ -44,7 +46,9 @@ class Summary:
     def __str__(self) -> str:
         if not self.rows:
             return self.headline()
-        return self.headline() + "\n" + _table(("delta", "method", "state", "role", "modules", "params"), list(self.rows))
+        base = self.base_total or self.total
+        rows = [(*row, f"{100.0 * row[-1] / base:.4f}") for row in self.rows]
+        return self.headline() + "\n" + _table(("delta", "method", "state", "role", "modules", "params", "% of base"), rows)
 
 
 def summary(model: nn.Module, *, show: bool = False) -> Summary:
@@ -52,7 +56,8 @@ def summary(model: nn.Module, *, show: bool = False) -> Summary:
     trainable, total = count_parameters(model)
     anatomy = analyze(model)
     rows = []
-    for name, info in deltas(model).items():
+    infos = deltas(model)
+    for name, info in infos.items():
         state = "merged" if info.merged else "active" if info.active else "inactive"
         per_role: dict[str, list[int]] = {}
         for path in info.paths:
@@ -63,7 +68,7 @@ def summary(model: nn.Module, *, show: bool = False) -> Summary:
             entry[1] += sum(p.numel() for p in layer.deltas[name].parameters())
         for role, (count, params) in per_role.items():
             rows.append((name, info.config.method, state, role, count, params))
-    result = Summary(trainable, total, tuple(rows))
+    result = Summary(trainable, total, tuple(rows), total - sum(i.num_params for i in infos.values()))
     if show:
         print(result)
     return result
@@ -128,10 +133,53 @@ def plan(model: nn.Module, config: DeltaConfig) -> Plan:
                 path=path,
                 role=anatomy.role_of.get(path, "other"),
                 layer=anatomy.layer_of.get(path),
-                kind=backend.kind if backend else type(modules[path]).__name__,
-                shape=(backend.out_features, backend.in_features) if backend else (0, 0),
+                kind=backend.kind if backend.is_linear_map else type(modules[path]).__name__,
+                shape=(backend.out_features, backend.in_features),
                 params=sum(p.numel() for p in built[path].parameters()),
             )
         )
     _, total = count_parameters(model)
     return Plan(config, tuple(planned), total)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Several methods planned on one model: what each would train, side by side."""
+
+    model_params: int
+    #: method, modules adapted, trainable params, and why not where the method does not apply
+    rows: tuple[tuple[str, int, int, str], ...]
+
+    def _cells(self) -> list[tuple[str, str, str, str]]:
+        cells = []
+        for method, modules, params, reason in self.rows:
+            if reason:
+                cells.append((method, "-", "-", f"n/a: {reason}"))
+            else:
+                cells.append((method, f"{modules:,}", f"{params:,}", f"{100.0 * params / self.model_params:.4f}"))
+        return cells
+
+    def __str__(self) -> str:
+        return _table(("method", "modules", "trainable params", "% of base"), self._cells())
+
+    def markdown(self) -> str:
+        lines = ["| method | modules | trainable params | % of base |", "|---|---:|---:|---:|"]
+        lines += [f"| `{m}` | {n} | {p} | {pct} |" for m, n, p, pct in self._cells()]
+        return "\n".join(lines)
+
+
+def compare(model: nn.Module, configs: list[DeltaConfig] | None = None) -> Comparison:
+    """Dry-run several configs (by default every registered method with its defaults) on one
+    model: how many modules each adapts and how many parameters it trains. A method that cannot
+    adapt this model with those settings (BitFit on a model without biases) says why."""
+    configs = configs if configs is not None else [make_config(m) for m in methods()]
+    _, total = count_parameters(model)
+    rows = []
+    for cfg in configs:
+        try:
+            planned = plan(model, cfg)
+        except DeltatuneError as exc:
+            rows.append((cfg.method, 0, 0, str(exc).split(". ")[0]))
+            continue
+        rows.append((cfg.method, len(planned.modules), planned.delta_params, ""))
+    return Comparison(total, tuple(rows))

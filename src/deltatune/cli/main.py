@@ -261,7 +261,7 @@ def merge(
 def inspect(
     model: Optional[str] = ModelOpt,
     config_json: Optional[Path] = typer.Option(None, "--config", help="a transformers config.json: sized on the meta device, no weights"),
-    method: str = typer.Option("lora"),
+    method: str = typer.Option("lora", help="a method name, or 'all' to compare every method"),
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(256),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
@@ -270,16 +270,21 @@ def inspect(
     rslora: Optional[bool] = RsloraOpt, dora: Optional[bool] = DoraOpt, init: Optional[str] = InitOpt,
     bias: Optional[str] = BiasOpt, set_: List[str] = SetOpt,
 ):
-    """Dry run: the model's anatomy, what a delta would touch, parameter counts, memory."""
+    """Dry run: the model's anatomy, what a delta would touch, parameter counts, memory.
+
+    ``--method all`` lists every method's trainable parameters on this model side by side."""
     from .. import config as make_config
     from ..analysis.memory import estimate_training_memory
     from ..anatomy import analyze
     from ..api import attach
-    from ..report import plan, summary
+    from ..report import compare, plan, summary
 
-    delta_config = make_config(method, **_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     base = meta_model(config_json) if config_json else _load_with_delta(model, None)[0]
     console.print(analyze(base).describe(), highlight=False)
+    if method == "all":
+        console.print(str(compare(base)), highlight=False)
+        return
+    delta_config = make_config(method, **_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     console.print(str(plan(base, delta_config)), highlight=False)
     attach(base, delta_config)
     console.print(str(summary(base)), highlight=False)
