@@ -1,3 +1,7 @@
-"""Invariant-suite configs for scaling methods (see test_invariants.py)."""
+"""Invariant-suite configs for methods that rescale or select existing parameters."""
 
-CASES = {}
+import deltatune as dt
+
+CASES = {
+    "ia3": lambda: dt.IA3Config(),
+}

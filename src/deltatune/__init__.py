@@ -23,6 +23,7 @@ from .config import DeltaConfig, config, methods
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
 from .report import compare, plan, summary
 
@@ -38,6 +39,7 @@ __all__ = [
     "DeltaConfig",
     "DeltatuneError",
     "HoulsbyConfig",
+    "IA3Config",
     "LoRAConfig",
     "ModelLoadError",
     "ParallelAdapterConfig",

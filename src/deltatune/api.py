@@ -108,7 +108,7 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
     for path in paths:
         base = modules[path]
         options = {
-            key: lookup(patterns, path, base, anatomy, getattr(config, key))
+            key: lookup(patterns, path, base, anatomy, getattr(config, key, None))
             for key, patterns in config.per_module_options().items()
         }
         options["role"] = anatomy.role_of.get(path)

@@ -119,7 +119,8 @@ class DeltaConfig:
         raise NotImplementedError
 
     def per_module_options(self) -> dict[str, dict[str, Any]]:
-        """Option name -> {target pattern: value}, resolved per module into ``build``'s options."""
+        """Option name -> {target pattern: value}, resolved per module into ``build``'s options
+        (the first matching pattern wins; otherwise the config's field of that name, or None)."""
         return {}
 
     def expand(self, paths: list[str], anatomy: Any) -> list[str]:
