@@ -48,10 +48,15 @@ def mergeable(method):
 
 
 def merge_refused(method, model):
-    """Whether merging must be refused here: the method cannot merge, or a delta sits on a
-    weight tied between the input embedding and the output head (merging would change both)."""
+    """Whether merging must be refused here: the method cannot merge, a delta says it cannot go
+    into its layer (a bias the base lacks), or a delta sits on a weight tied between the input
+    embedding and the output head (merging would change both)."""
     if not mergeable(method):
         with pytest.raises(dt.ConfigError, match="cannot be merged"):
+            dt.merge(model)
+        return True
+    if any(d.merge_blocker(layer.backend) for layer in delta_layers(model).values() for d in layer.deltas.values()):
+        with pytest.raises(dt.ConfigError, match="cannot merge"):
             dt.merge(model)
         return True
     head = model.get_output_embeddings()

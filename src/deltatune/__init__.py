@@ -25,6 +25,7 @@ from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig
+from .methods.selective import BitFitConfig, LNTuningConfig, TopLayersConfig
 from .report import compare, plan, summary
 
 try:
@@ -33,6 +34,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
 __all__ = [
+    "BitFitConfig",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -40,11 +42,13 @@ __all__ = [
     "DeltatuneError",
     "HoulsbyConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoRAConfig",
     "ModelLoadError",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "TargetError",
+    "TopLayersConfig",
     "activate",
     "attach",
     "calibrate",

@@ -12,9 +12,10 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .backends import Backend, backend_for
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -29,8 +30,9 @@ class Delta(nn.Module):
       layer's output (LoRA, bottleneck adapters, BitFit's bias): the default keeps ``base_out``;
     * ``transform_input(x, backend)`` when ``transforms_input``: the input the base layer (and
       the other deltas) see, e.g. (IA)³'s rescaling of the FFN hidden activation;
-    * ``replacement(x, args, kwargs, backend)`` when ``replaces_output``: computes the layer
-      output in place of the base module, e.g. with trained copies of its parameters.
+    * ``parameter_values(backend)`` when ``overrides_parameters``: values the base module runs
+      with in place of its own parameters (trained copies: LN tuning, top layers). Several such
+      deltas active at once combine as base + Σ (values − base), in the forward and when merged.
 
     A mergeable delta implements :meth:`merge_update` (a linear layer's ΔW and Δbias) or, for
     any other parameters, :meth:`merge_parameters`.
@@ -40,7 +42,7 @@ class Delta(nn.Module):
     #: so unmerging must restore a copy rather than subtract
     merge_depends_on_weight = False
     transforms_input = False
-    replaces_output = False
+    overrides_parameters = False
     #: set (per instance) when the delta decides part of its structure from a few batches of
     #: data, in :func:`deltatune.calibrate` (FAR's columns, SparseAdapter's gradient pruning)
     needs_calibration = False
@@ -51,8 +53,8 @@ class Delta(nn.Module):
     def transform_input(self, x: Tensor, backend: Backend) -> Tensor:
         return x
 
-    def replacement(self, x: Tensor, args: tuple, kwargs: dict, backend: Backend) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} does not replace its layer's output")
+    def parameter_values(self, backend: Backend) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not override its layer's parameters")
 
     # merging ---------------------------------------------------------------------------------
 
@@ -170,14 +172,8 @@ class DeltaLayer(nn.Module):
         self.active = tuple(n for n in names if n in self.deltas)
         self._unmerged = tuple(n for n in self.active if n not in self.merged)
         chosen = [self.deltas[n] for n in self._unmerged]
-        replacing = [n for n, d in zip(self._unmerged, chosen) if d.replaces_output]
-        if len(replacing) > 1:
-            raise ConfigError(
-                f"deltas {replacing[0]!r} and {replacing[1]!r} both replace the output of the same "
-                f"{type(self.base).__name__}; activate one of them at a time, or merge one first"
-            )
         # the common case (only additive deltas) keeps the fastest path
-        self._plain = not any(d.transforms_input or d.replaces_output for d in chosen)
+        self._plain = not any(d.transforms_input or d.overrides_parameters for d in chosen)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.routing is not None:
@@ -194,15 +190,25 @@ class DeltaLayer(nn.Module):
         for delta in chosen:
             if delta.transforms_input:
                 x = delta.transform_input(x, self.backend)
-        replacing = next((d for d in chosen if d.replaces_output), None)
-        if replacing is None:
-            out = self.base(x, *args, **kwargs)
+        overriding = [d for d in chosen if d.overrides_parameters]
+        if overriding:
+            out = functional_call(self.base, self._combined_values(overriding), (x, *args), kwargs)
         else:
-            out = replacing.replacement(x, args, kwargs, self.backend)
+            out = self.base(x, *args, **kwargs)
         for delta in chosen:
-            if not delta.replaces_output:
+            if not delta.overrides_parameters:
                 out = delta(x, out, self.backend)
         return out
+
+    def _combined_values(self, overriding: list[Delta]) -> dict[str, Tensor]:
+        if len(overriding) == 1:
+            return overriding[0].parameter_values(self.backend)
+        own = self._own_parameters()
+        values: dict[str, Tensor] = {}
+        for delta in overriding:
+            for name, value in delta.parameter_values(self.backend).items():
+                values[name] = values.get(name, own[name]) + (value - own[name])
+        return values
 
     def _routed_forward(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         # one gather/scatter per delta present in the batch, never a loop over samples
@@ -213,7 +219,7 @@ class DeltaLayer(nn.Module):
                 continue
             delta = self.deltas[name]
             x_rows = x.index_select(0, rows)
-            if delta.transforms_input or delta.replaces_output:
+            if delta.transforms_input or delta.overrides_parameters:
                 sub = self._forward_with((name,), x_rows, args, kwargs)
             else:
                 sub = delta(x_rows, out.index_select(0, rows), self.backend)
@@ -225,10 +231,18 @@ class DeltaLayer(nn.Module):
     def _own_parameters(self) -> dict[str, Tensor]:
         return dict(self.base.named_parameters(recurse=False))
 
+    def _merge_changes(self, name: str) -> dict[str, Tensor]:
+        delta = self.deltas[name]
+        if not delta.overrides_parameters:
+            return delta.merge_parameters(self.backend)
+        # relative to the parameters from before any merge, as the forward combines them
+        original = self._params_before_merge
+        return {n: v.detach().float() - original[n].float() for n, v in delta.parameter_values(self.backend).items()}
+
     def _apply_update(self, name: str, sign: float) -> None:
         params = self._own_parameters()
         with torch.no_grad():
-            for param_name, change in self.deltas[name].merge_parameters(self.backend).items():
+            for param_name, change in self._merge_changes(name).items():
                 param = params[param_name]
                 param.add_(change.to(device=param.device, dtype=param.dtype), alpha=sign)
 
@@ -242,7 +256,7 @@ class DeltaLayer(nn.Module):
         todo = [n for n in names if n in self.deltas and n not in self.merged]
         if not todo:
             return
-        depends = any(self.deltas[n].merge_depends_on_weight for n in todo)
+        depends = any(self.deltas[n].merge_depends_on_weight or self.deltas[n].overrides_parameters for n in todo)
         keep_exact = depends or (self.backend.dtype in _HALF if keep_exact is None else keep_exact)
         if keep_exact and self._params_before_merge is None:
             if self.merged:  # merged by subtraction so far: take them out to copy the original
