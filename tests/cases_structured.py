@@ -1,3 +1,9 @@
-"""Invariant-suite configs for structured methods (see test_invariants.py)."""
+"""Invariant-suite configs for structured updates: KronA, FAR, SparseAdapter, Compacter."""
 
-CASES = {}
+import deltatune as dt
+
+CASES = {
+    "krona": lambda: dt.KronAConfig(),
+    "krona-all-linear": lambda: dt.KronAConfig(targets=["all-linear"], a_shape=(2, 2), scale=2.0),
+    "krona_res": lambda: dt.KronAResConfig(),
+}

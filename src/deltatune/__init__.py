@@ -24,6 +24,7 @@ from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, Mod
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.ia3 import IA3Config
+from .methods.krona import KronAConfig, KronAResConfig
 from .methods.lora import LoRAConfig
 from .methods.selective import BitFitConfig, LNTuningConfig, TopLayersConfig
 from .report import compare, plan, summary
@@ -42,6 +43,8 @@ __all__ = [
     "DeltatuneError",
     "HoulsbyConfig",
     "IA3Config",
+    "KronAConfig",
+    "KronAResConfig",
     "LNTuningConfig",
     "LoRAConfig",
     "ModelLoadError",
