@@ -23,6 +23,7 @@ from .config import DeltaConfig, config, methods
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
+from .methods.far import FARConfig
 from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
 from .methods.lora import LoRAConfig
@@ -41,6 +42,7 @@ __all__ = [
     "DataError",
     "DeltaConfig",
     "DeltatuneError",
+    "FARConfig",
     "HoulsbyConfig",
     "IA3Config",
     "KronAConfig",

@@ -356,6 +356,8 @@ def calibrate(
     for t in tensors.values():
         t.grad = None
         t.requires_grad_(True)
+    for _, delta in waiting:
+        delta.calibrating = True
     try:
         for batch in batches:
             loss_fn(model, batch).backward()
@@ -363,6 +365,8 @@ def calibrate(
             delta.finish_calibration(layer.backend)
             delta.needs_calibration = False
     finally:
+        for _, delta in waiting:
+            delta.calibrating = False
         for key, t in tensors.items():
             t.requires_grad_(saved[key][0])
             t.grad = saved[key][1]

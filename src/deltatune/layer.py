@@ -46,6 +46,8 @@ class Delta(nn.Module):
     #: set (per instance) when the delta decides part of its structure from a few batches of
     #: data, in :func:`deltatune.calibrate` (FAR's columns, SparseAdapter's gradient pruning)
     needs_calibration = False
+    #: True while :func:`deltatune.calibrate` runs its batches
+    calibrating = False
 
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
         return base_out
