@@ -8,4 +8,13 @@ CASES = {
     "krona_res": lambda: dt.KronAResConfig(),
     "far-magnitude": lambda: dt.FARConfig(fraction=0.25, targets=["ffn", "attn.o"]),
     "far-gradient": lambda: dt.FARConfig(measure="gradient"),
+    "sparse_adapter": lambda: dt.SparseAdapterConfig(bottleneck=8, sparsity=0.75),
+    "sparse_adapter-houlsby-snip": lambda: dt.SparseAdapterConfig(
+        bottleneck=4, placement="houlsby", criterion="snip", layer_norm=True
+    ),
+}
+# near-identity init, as for Houlsby adapters (see cases_adapters.py)
+IDENTITY_TOL = {
+    "sparse_adapter": dict(atol=5e-2, rtol=1e-2),
+    "sparse_adapter-houlsby-snip": dict(atol=5e-2, rtol=1e-2),
 }

@@ -28,6 +28,7 @@ from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
 from .methods.lora import LoRAConfig
 from .methods.selective import BitFitConfig, LNTuningConfig, TopLayersConfig
+from .methods.sparse_adapter import SparseAdapterConfig
 from .report import compare, plan, summary
 
 try:
@@ -52,6 +53,7 @@ __all__ = [
     "ModelLoadError",
     "ParallelAdapterConfig",
     "PfeifferConfig",
+    "SparseAdapterConfig",
     "TargetError",
     "TopLayersConfig",
     "activate",
