@@ -12,9 +12,14 @@ CASES = {
     "sparse_adapter-houlsby-snip": lambda: dt.SparseAdapterConfig(
         bottleneck=4, placement="houlsby", criterion="snip", layer_norm=True
     ),
+    "compacter": lambda: dt.CompacterConfig(bottleneck=8),
+    "compacter++": lambda: dt.CompacterPlusPlusConfig(bottleneck=8, phm_rank=2, init="zero_up"),
+    "phm-adapter-own-rules": lambda: dt.CompacterConfig(bottleneck=4, phm_dim=2, phm_rank=None, shared_rule=False),
 }
 # near-identity init, as for Houlsby adapters (see cases_adapters.py)
 IDENTITY_TOL = {
     "sparse_adapter": dict(atol=5e-2, rtol=1e-2),
     "sparse_adapter-houlsby-snip": dict(atol=5e-2, rtol=1e-2),
+    "compacter": dict(atol=5e-2, rtol=1e-2),
+    "phm-adapter-own-rules": dict(atol=5e-2, rtol=1e-2),
 }

@@ -23,6 +23,7 @@ from .config import DeltaConfig, config, methods
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
+from .methods.compacter import CompacterConfig, CompacterPlusPlusConfig
 from .methods.far import FARConfig
 from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
@@ -39,6 +40,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "BitFitConfig",
     "CheckpointError",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "ConfigError",
     "DataError",
     "DeltaConfig",

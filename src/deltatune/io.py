@@ -148,8 +148,10 @@ def load(
             raise CheckpointError(f"{directory} has a config but no {WEIGHTS_FILE}")
         tensors = load_file(str(weights_path))
         per_module = _group_by_module(tensors, model)
-        for module_path in meta.get("paths", ()):
+        order = {p: i for i, p in enumerate(meta.get("paths", ()))}
+        for module_path in order:
             per_module.setdefault(module_path, {})
+        per_module = dict(sorted(per_module.items(), key=lambda item: order.get(item[0], len(order))))
         paths = _check_fit(model, config, meta, per_module, directory, strict)
         attach(model, config, delta_name, activate=activate, paths=paths, initialize=False)
         try:
