@@ -172,6 +172,8 @@ def select(
 
     used = set(matched_by.values())
     unmatched = [p for p in targets if p not in used]
+    if not each_must_match and not matched_by and rejected:
+        raise TargetError(f"{what} found nothing to adapt in this model with its default targets: it adapts {adapts}")
     if each_must_match or not matched_by:
         for pattern in unmatched if each_must_match else targets:
             if pattern in rejected:

@@ -113,6 +113,12 @@ class _CompacterOptions(SerialAdapterConfig):
         if not isinstance(self.shared_rule, bool):
             raise ConfigError(f"shared_rule must be true or false, got {self.shared_rule!r}")
 
+    def bottleneck_size(self, width: int) -> int:
+        if self.bottleneck is not None:
+            return self.bottleneck
+        # a size from reduction_factor is rounded to a multiple of n, which PHM layers need
+        return self.phm_dim * max(1, round(super().bottleneck_size(width) / self.phm_dim))
+
     def make_projections(self, width, size, dtype, device):
         n = self.phm_dim
         if width % n or size % n:
