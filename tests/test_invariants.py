@@ -1,8 +1,10 @@
 """Invariants every method must satisfy, on every architecture the anatomy supports.
 
 Method families add their configs to ``CASES`` in a ``cases_*.py`` file (with tolerances for
-near-identity inits or merges that cancel); nothing here should need to change. Capabilities a
-config declares off (merging, mixed batches) are checked to fail with a clear error instead.
+near-identity inits or merges that cancel, ``NOT_IDENTITY`` for methods whose paper starts from
+a random change, ``UNSUPPORTED`` for architectures a method refuses); nothing here should need
+to change. Capabilities a config declares off (merging, mixed batches) are checked to fail with a
+clear error instead, and so are the refused architectures.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from zoo import ARCHITECTURES, is_seq2seq, supports_generate, tiny_inputs, tiny_
 
 import cases_adapters
 import cases_lora
+import cases_prefix
 import cases_scaling
 import cases_structured
 
-FAMILIES = [cases_lora, cases_adapters, cases_scaling, cases_structured]
+FAMILIES = [cases_lora, cases_adapters, cases_scaling, cases_structured, cases_prefix]
 METHODS = {name: make for family in FAMILIES for name, make in family.CASES.items()}
 IDENTITY_TOL = {k: v for family in FAMILIES for k, v in getattr(family, "IDENTITY_TOL", {}).items()}
 MERGE_TOL = {k: v for family in FAMILIES for k, v in getattr(family, "MERGE_TOL", {}).items()}
-CASES = [(m, a) for m in METHODS for a in ARCHITECTURES]
+NOT_IDENTITY = {k for family in FAMILIES for k in getattr(family, "NOT_IDENTITY", ())}
+UNSUPPORTED = {k: v for family in FAMILIES for k, v in getattr(family, "UNSUPPORTED", {}).items()}
+CASES = [(m, a) for m in METHODS for a in ARCHITECTURES if a not in UNSUPPORTED.get(m, ())]
+REFUSED = [(m, a) for m in METHODS for a in ARCHITECTURES if a in UNSUPPORTED.get(m, ())]
 IDS = [f"{m}-{a}" for m, a in CASES]
 TOL = dict(atol=2e-4, rtol=1e-4)  # fp32 merge reorders sums; T5 logits are unscaled
 
@@ -92,7 +98,19 @@ def setup(method, arch, name="default"):
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)
 def test_identity_at_init(method, arch):
     model, inputs, base = setup(method, arch)
+    if method in NOT_IDENTITY:  # a random prompt or prefix: the model must see it
+        assert (logits(model, inputs) - base).abs().max() > 1e-4
+        return
     torch.testing.assert_close(logits(model, inputs), base, **IDENTITY_TOL.get(method, TOL))
+
+
+@pytest.mark.parametrize("method,arch", REFUSED, ids=[f"{m}-{a}" for m, a in REFUSED])
+def test_unsupported_architecture_is_refused_when_attached(method, arch):
+    model = tiny_model(arch)
+    before = dict(model.named_modules())
+    with pytest.raises(dt.DeltatuneError, match="not supported"):
+        dt.attach(model, METHODS[method]())
+    assert dict(model.named_modules()) == before and not delta_layers(model)
 
 
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)

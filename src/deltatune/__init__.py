@@ -13,6 +13,7 @@ from .api import (
     deltas,
     detach,
     disabled,
+    fold,
     merge,
     merge_and_detach,
     route,
@@ -28,6 +29,7 @@ from .methods.far import FARConfig
 from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
 from .methods.lora import LoRAConfig
+from .methods.prefix import LlamaAdapterConfig, PrefixTuningConfig
 from .methods.selective import BitFitConfig, LNTuningConfig, TopLayersConfig
 from .methods.sparse_adapter import SparseAdapterConfig
 from .report import compare, plan, summary
@@ -52,10 +54,12 @@ __all__ = [
     "KronAConfig",
     "KronAResConfig",
     "LNTuningConfig",
+    "LlamaAdapterConfig",
     "LoRAConfig",
     "ModelLoadError",
     "ParallelAdapterConfig",
     "PfeifferConfig",
+    "PrefixTuningConfig",
     "SparseAdapterConfig",
     "TargetError",
     "TopLayersConfig",
@@ -70,6 +74,7 @@ __all__ = [
     "deltas",
     "detach",
     "disabled",
+    "fold",
     "load",
     "merge",
     "merge_and_detach",

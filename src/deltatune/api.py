@@ -82,7 +82,7 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
             model,
             config.target_spec,
             exclude=config.exclude,
-            layers=config.layers,
+            layers=config.layer_spec,
             accepts=config.accepts,
             each_must_match=config.targets is not None,
             what=f"method {config.method!r}",
@@ -112,6 +112,7 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
             for key, patterns in config.per_module_options().items()
         }
         options["role"] = anatomy.role_of.get(path)
+        options["anatomy"] = anatomy
         if device is not None:
             options["device"] = device
         built[path] = config.build(path, base, options, initialize=initialize)
@@ -229,10 +230,9 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
         if not infos[name].config.supports_merge:
             raise ConfigError(f"delta {name!r} uses method {infos[name].config.method!r}, which cannot be merged")
     owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, DeltaLayer):
-            for param_name, param in module.named_parameters(recurse=False):
-                owners.setdefault(id(param), []).append(f"{path}.{param_name}" if path else param_name)
+    for path, module in iter_modules(model):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{path}.{param_name}" if path else param_name)
     for path, layer in delta_layers(model).items():
         for name in names:
             reason = layer.deltas[name].merge_blocker(layer.backend) if name in layer.deltas else None
@@ -373,6 +373,20 @@ def calibrate(
         for layer, _ in waiting:
             layer.deltas.zero_grad(set_to_none=True)
     return len(waiting)
+
+
+def fold(model: nn.Module, names: str | Iterable[str] | None = None) -> int:
+    """Replace training-time reparameterisations (prefix tuning's MLP, P-tuning's prompt
+    encoder) by the plain tensors they produce now: the outputs stay the same, the encoders'
+    parameters are dropped. Saving always stores the folded form. Returns how many deltas folded."""
+    chosen = set(_names(model, names, deltas(model)))
+    folded = 0
+    for layer in delta_layers(model).values():
+        for name, delta in layer.deltas.items():
+            if name in chosen and hasattr(delta, "fold"):
+                delta.fold()
+                folded += 1
+    return folded
 
 
 def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:

@@ -178,6 +178,54 @@ class ModuleBackend(Backend):
         raise TypeError(f"{type(self.module).__name__} is not a linear map")
 
 
+class ContainerBackend(Backend):
+    """A module whose parameters all live in its children: an attention module, the model body
+    that embeds the tokens. Only deltas that wrap the module's whole call use it (prefixes that
+    attention reads, prompts prepended to the input); it has no weight of its own."""
+
+    kind = "container"
+    is_linear_map = False
+
+    def _first(self) -> Tensor:
+        return next(self.module.parameters())
+
+    @property
+    def weight(self) -> None:
+        return None
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._first().device
+
+    in_features = out_features = 0
+
+    def signature(self) -> str:
+        return f"{type(self.module).__name__}:{sum(p.numel() for p in self.module.parameters())}"
+
+    def dense_weight(self) -> Tensor:
+        raise TypeError(f"{type(self.module).__name__} is a container of other modules; it has no dense weight")
+
+    def matmul(self, x: Tensor) -> Tensor:
+        raise TypeError(f"{type(self.module).__name__} is a container of other modules")
+
+
+def layer_backend(module: nn.Module) -> Backend | None:
+    """The backend a :class:`~deltatune.layer.DeltaLayer` uses: :func:`backend_for`, or a
+    :class:`ContainerBackend` for a module holding parameters only through its children."""
+    backend = backend_for(module)
+    if backend is None and next(module.parameters(), None) is not None:
+        return ContainerBackend(module)
+    return backend
+
+
 def backend_for(module: nn.Module) -> Backend | None:
     """The backend for a module, or None for a module that holds no parameters of its own."""
     from transformers.pytorch_utils import Conv1D

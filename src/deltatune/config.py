@@ -107,6 +107,11 @@ class DeltaConfig:
     def target_spec(self) -> tuple[str, ...]:
         return self.targets if self.targets is not None else self.default_targets
 
+    @property
+    def layer_spec(self) -> tuple[int, ...] | str | None:
+        """The blocks targets are limited to (a method may default to some, e.g. the top L)."""
+        return self.layers
+
     # the strategy: which modules, what delta for each, how they work together ----------------
 
     def accepts(self, module: Any, role: str | None = None) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .anatomy import analyze, iter_modules
 from .api import _build_all, _names, attach, base_model_name, delete, deltas
-from .backends import backend_for
+from .backends import layer_backend
 from .config import DeltaConfig
 from .errors import CheckpointError
 from .layer import delta_layers
@@ -41,7 +41,7 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> str:
     modules = dict(iter_modules(model))
     digest = hashlib.sha256()
     for path in sorted(paths):
-        digest.update(f"{path}:{backend_for(modules[path]).signature()};".encode())
+        digest.update(f"{path}:{layer_backend(modules[path]).signature()};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -205,7 +205,7 @@ def _check_fit(model, config, meta, per_module, directory, strict) -> list[str]:
     fits = []
     for module_path in per_module:
         module = modules.get(module_path)
-        if module is None or backend_for(module) is None:
+        if module is None or layer_backend(module) is None:
             problems.append(f"{module_path} does not exist here")
         else:
             fits.append(module_path)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .backends import Backend, backend_for
+from .backends import Backend, layer_backend
 from .errors import CheckpointError
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -34,6 +34,10 @@ class Delta(nn.Module):
       with in place of its own parameters (trained copies: LN tuning, top layers). Several such
       deltas active at once combine as base + Σ (values − base), in the forward and when merged.
 
+    A delta on a container module (an attention module, the model body) sets ``wraps_call``
+    and implements :meth:`call` instead: it runs the module's whole call, changing its
+    arguments, its result, or what its attention reads (prefixes, prompts).
+
     A mergeable delta implements :meth:`merge_update` (a linear layer's ΔW and Δbias) or, for
     any other parameters, :meth:`merge_parameters`.
     """
@@ -43,6 +47,7 @@ class Delta(nn.Module):
     merge_depends_on_weight = False
     transforms_input = False
     overrides_parameters = False
+    wraps_call = False
     #: set (per instance) when the delta decides part of its structure from a few batches of
     #: data, in :func:`deltatune.calibrate` (FAR's columns, SparseAdapter's gradient pruning)
     needs_calibration = False
@@ -57,6 +62,12 @@ class Delta(nn.Module):
 
     def parameter_values(self, backend: Backend) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not override its layer's parameters")
+
+    def call(self, module: nn.Module, run, args: tuple, kwargs: dict, rows: "RowSelector"):
+        """With ``wraps_call``: the result of calling ``module`` (the base module), where
+        ``run(*args, **kwargs)`` calls it (through the deltas wrapped inside this one). ``rows``
+        says which samples of the batch this delta applies to under :func:`deltatune.route`."""
+        raise NotImplementedError(f"{type(self).__name__} does not wrap its module's call")
 
     # merging ---------------------------------------------------------------------------------
 
@@ -142,6 +153,28 @@ class Routing:
         return self._cache[key]
 
 
+class RowSelector:
+    """Which rows of a batch one delta applies to: all of them, or those :class:`Routing` gives it."""
+
+    def __init__(self, name: str, routing: Routing | None):
+        self.name = name
+        self.routing = routing
+
+    @property
+    def routed(self) -> bool:
+        return self.routing is not None
+
+    def mask(self, rows: int, device: torch.device) -> Tensor | None:
+        """A (rows,) bool tensor of the rows this delta applies to; None when it applies to all."""
+        if self.routing is None:
+            return None
+        chosen = torch.zeros(rows, dtype=torch.bool, device=device)
+        index = self.routing.rows_for(rows, device).get(self.name)
+        if index is not None:
+            chosen[index] = True
+        return chosen
+
+
 class DeltaLayer(nn.Module):
     """Holds ``base`` (the original module, untouched unless merged) and its named deltas."""
 
@@ -149,7 +182,7 @@ class DeltaLayer(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        backend = backend_for(base)
+        backend = layer_backend(base)
         if backend is None:
             raise TypeError(f"{type(base).__name__} holds no parameters of its own; there is nothing to adapt")
         self.base = base
@@ -160,6 +193,7 @@ class DeltaLayer(nn.Module):
         self.routing: Routing | None = None
         self._unmerged: tuple[str, ...] = ()
         self._plain = True
+        self._wrapping: tuple[str, ...] = ()
         self._params_before_merge: dict[str, Tensor] | None = None
 
     def __getattr__(self, name: str):
@@ -176,8 +210,15 @@ class DeltaLayer(nn.Module):
         chosen = [self.deltas[n] for n in self._unmerged]
         # the common case (only additive deltas) keeps the fastest path
         self._plain = not any(d.transforms_input or d.overrides_parameters for d in chosen)
+        self._wrapping = tuple(n for n in self._unmerged if self.deltas[n].wraps_call)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def forward(self, *args, **kwargs):
+        wrapping = self._routed_wrapping() if self.routing is not None else self._wrapping
+        if wrapping:
+            return self._wrapped_call(wrapping, args, kwargs)
+        if not args:  # a container whose wrapping deltas are all off: just the module
+            return self.base(**kwargs)
+        x, args = args[0], args[1:]
         if self.routing is not None:
             return self._routed_forward(x, args, kwargs)
         if self._plain:
@@ -186,6 +227,17 @@ class DeltaLayer(nn.Module):
                 out = self.deltas[name](x, out, self.backend)
             return out
         return self._forward_with(self._unmerged, x, args, kwargs)
+
+    def _routed_wrapping(self) -> tuple[str, ...]:
+        present = dict.fromkeys(n for n in self.routing.names_per_sample if n is not None)
+        return tuple(n for n in present if n in self.deltas and self.deltas[n].wraps_call)
+
+    def _wrapped_call(self, names: tuple[str, ...], args: tuple, kwargs: dict):
+        """Each wrapping delta runs the call of the next one; the innermost runs the module."""
+        run = self.base
+        for name in reversed(names):
+            run = _bind_call(self.deltas[name], self.base, run, RowSelector(name, self.routing))
+        return run(*args, **kwargs)
 
     def _forward_with(self, names: tuple[str, ...], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         chosen = [self.deltas[n] for n in names]
@@ -308,6 +360,29 @@ class DeltaLayer(nn.Module):
         return f"deltas={list(self.deltas)}, active={list(self.active)}, merged={list(self.merged)}"
 
 
+def _bind_call(delta: Delta, module: nn.Module, run, rows: RowSelector):
+    def call(*args, **kwargs):
+        return delta.call(module, run, args, kwargs, rows)
+
+    return call
+
+
 def delta_layers(model: nn.Module) -> Mapping[str, DeltaLayer]:
-    """Every DeltaLayer in the model by path (the path of the module it wraps)."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, DeltaLayer)}
+    """Every DeltaLayer in the model by path (the path of the module it wraps, seen through any
+    wrapper around a module that contains it), in module order."""
+    found: dict[str, DeltaLayer] = {}
+    seen: set[int] = set()
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, DeltaLayer):
+            found[prefix] = module
+            module = module.base
+        for name, child in module.named_children():
+            if child is not None:
+                walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return found

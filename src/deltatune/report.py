@@ -12,7 +12,7 @@ from torch import nn
 
 from .anatomy import analyze, iter_modules
 from .api import _build_all, _resolve_paths, count_parameters, deltas
-from .backends import backend_for
+from .backends import layer_backend
 from .config import DeltaConfig, config as make_config, methods
 from .errors import DeltatuneError
 
@@ -127,7 +127,7 @@ def plan(model: nn.Module, config: DeltaConfig) -> Plan:
     modules = dict(iter_modules(model))
     planned = []
     for path in paths:
-        backend = backend_for(modules[path])
+        backend = layer_backend(modules[path])
         planned.append(
             PlannedModule(
                 path=path,
