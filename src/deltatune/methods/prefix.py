@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..anatomy import linear_shape
+from ..anatomy import linear_shape, unwrap
 from ..backends import backend_for
 from ..attention import AttentionDelta, attention_modules, attention_support, projection_children, uses_attention_interface
 from ..config import DeltaConfig, check_choice, check_positive_int, register
@@ -97,10 +97,10 @@ def _kv_projections(path: str, module: nn.Module, anatomy) -> tuple[Tensor, Tens
     """The (out, in) weight rows that produce this attention's keys and its values."""
     children = projection_children(path, anatomy)
     if "attn.k" in children and "attn.v" in children:
-        k, v = (backend_for(module.get_submodule(children[r].rpartition(".")[2])) for r in ("attn.k", "attn.v"))
+        k, v = (backend_for(unwrap(module.get_submodule(children[r].rpartition(".")[2]))) for r in ("attn.k", "attn.v"))
         return k.dense_weight(), v.dense_weight()
     if "attn.qkv" in children:
-        fused = backend_for(module.get_submodule(children["attn.qkv"].rpartition(".")[2])).dense_weight()
+        fused = backend_for(unwrap(module.get_submodule(children["attn.qkv"].rpartition(".")[2]))).dense_weight()
         config = getattr(module, "config", None)
         heads = getattr(config, "num_attention_heads", None)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
