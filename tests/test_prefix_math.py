@@ -273,3 +273,23 @@ def test_sdpa_attention_gives_the_eager_result():
 def test_bad_options_name_the_value(make_config, message):
     with pytest.raises(dt.ConfigError, match=message):
         make_config()
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_mam_is_prefix_tuning_plus_a_parallel_ffn_adapter(arch):
+    """One MAM delta == a prefix delta and a parallel adapter with the same tensors."""
+    mam_model, parts_model = tiny_model(arch), tiny_model(arch)
+    inputs = tiny_inputs(arch, mam_model)
+    dt.attach(mam_model, dt.MAMConfig(num_virtual_tokens=2, bottleneck=4))
+    perturb(mam_model)
+    dt.attach(parts_model, dt.PrefixTuningConfig(num_virtual_tokens=2), "prefix")
+    dt.attach(parts_model, dt.ParallelAdapterConfig(bottleneck=4, scale=4.0), "parallel")
+    mam = {(p, k): v for p, layer in delta_layers(mam_model).items() for k, v in layer.deltas["default"].state_dict().items()}
+    with torch.no_grad():
+        for path, layer in delta_layers(parts_model).items():
+            for name, delta in layer.deltas.items():
+                for key, value in delta.state_dict().items():
+                    value.copy_(mam[(path, key)])
+        torch.testing.assert_close(mam_model(**inputs).logits, parts_model(**inputs).logits, atol=0, rtol=0)
+    assert dt.deltas(mam_model)["default"].config.method == "mam"
+    assert len(mam) == sum(len(layer.deltas[n].state_dict()) for layer in delta_layers(parts_model).values() for n in layer.deltas)
