@@ -143,6 +143,8 @@ METHOD_FLAGS = {
     "houlsby": (), "pfeiffer": (), "parallel": (), "sparse_adapter": (), "ia3": (),
     "bitfit": ("--set", "add_missing=true"), "ln_tuning": (), "top_layers": ("--set", "k=1"),
     "krona": (), "compacter": (), "compacter++": (), "far": (),
+    "prefix": ("--set", "num_virtual_tokens=4"), "llama_adapter": ("--set", "adapter_len=2"),
+    "mam": ("--set", "num_virtual_tokens=2"),
 }
 
 
