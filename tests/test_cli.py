@@ -57,8 +57,19 @@ def test_config_file_with_flag_override(tiny_dir, data_file, tmp_path):
     assert options == {"r": 3, "alpha": 4}
 
 
-def test_resume_continues_exactly_where_a_run_stopped(tiny_dir, data_file, tmp_path, monkeypatch):
-    full = invoke(*train_args(tiny_dir, data_file, tmp_path / "full", "--max-steps", 4))
+# P-tuning and reparameterised prefixes save a folded form; resuming must continue their encoders
+RESUMED_METHODS = {
+    "lora": (),
+    "ptuning": ("--method", "ptuning", "--set", "num_virtual_tokens=2", "--targets", "re:.+"),
+    "prefix-mlp": ("--method", "prefix", "--set", "reparameterize=true", "--set", "encoder_embed_dim=8",
+                   "--targets", "attn.q"),
+}
+
+
+@pytest.mark.parametrize("method", list(RESUMED_METHODS))
+def test_resume_continues_exactly_where_a_run_stopped(tiny_dir, data_file, tmp_path, monkeypatch, method):
+    extra = RESUMED_METHODS[method]
+    full = invoke(*train_args(tiny_dir, data_file, tmp_path / "full", "--max-steps", 4, *extra))
     assert full.exit_code == 0, full.output
 
     import deltatune.train.trainer as trainer
@@ -72,11 +83,11 @@ def test_resume_continues_exactly_where_a_run_stopped(tiny_dir, data_file, tmp_p
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "causal_lm_loss", interrupted_after_two_steps)
-    stopped = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4))
+    stopped = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4, *extra))
     assert stopped.exit_code != 0 and "interrupted at step 2" in stopped.output
     assert (tmp_path / "cut" / "checkpoints" / "step-000002").is_dir()
     monkeypatch.setattr(trainer, "causal_lm_loss", real_loss)
-    resumed = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4, "--resume"))
+    resumed = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4, "--resume", *extra))
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from step 2" in resumed.output
     a = load_file(tmp_path / "full" / "delta" / "delta.safetensors")
@@ -144,7 +155,8 @@ METHOD_FLAGS = {
     "bitfit": ("--set", "add_missing=true"), "ln_tuning": (), "top_layers": ("--set", "k=1"),
     "krona": (), "compacter": (), "compacter++": (), "far": (),
     "prefix": ("--set", "num_virtual_tokens=4"), "llama_adapter": ("--set", "adapter_len=2"),
-    "mam": ("--set", "num_virtual_tokens=2"),
+    "mam": ("--set", "num_virtual_tokens=2"), "prompt": ("--set", "num_virtual_tokens=4"),
+    "ptuning": ("--set", "num_virtual_tokens=4"),
 }
 
 

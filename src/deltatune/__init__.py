@@ -28,8 +28,10 @@ from .methods.compacter import CompacterConfig, CompacterPlusPlusConfig
 from .methods.far import FARConfig
 from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
+from .methods.hybrids import MAMConfig
 from .methods.lora import LoRAConfig
 from .methods.prefix import LlamaAdapterConfig, PrefixTuningConfig
+from .methods.prompt import PromptTuningConfig, PTuningConfig
 from .methods.selective import BitFitConfig, LNTuningConfig, TopLayersConfig
 from .methods.sparse_adapter import SparseAdapterConfig
 from .report import compare, plan, summary
@@ -56,10 +58,13 @@ __all__ = [
     "LNTuningConfig",
     "LlamaAdapterConfig",
     "LoRAConfig",
+    "MAMConfig",
     "ModelLoadError",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "PTuningConfig",
     "SparseAdapterConfig",
     "TargetError",
     "TopLayersConfig",

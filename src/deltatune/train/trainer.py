@@ -29,7 +29,8 @@ from torch import nn
 from ..api import after_optimizer_step, attach, calibrate, trainable_parameters
 from ..config import config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
-from ..io import restore, save as save_delta
+from ..io import save as save_delta
+from ..layer import delta_layers
 from ..report import summary
 from .data import (
     IGNORE_INDEX,
@@ -382,8 +383,14 @@ class Trainer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_delta(model, staging / "delta", self.settings.name)
+        # the delta directory holds the inference form (folded prompt encoders); resuming needs
+        # the training form, whose parameters the optimizer state belongs to
+        training_form = {
+            path: layer.deltas[self.settings.name].state_dict()
+            for path, layer in delta_layers(model).items() if self.settings.name in layer.deltas
+        }
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, staging / STATE_FILE)
+                    "torch_rng": torch.get_rng_state(), "delta": training_form}, staging / STATE_FILE)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         for old in sorted(root.glob("step-*"))[: -self.settings.keep_checkpoints]:
@@ -394,8 +401,12 @@ class Trainer:
         checkpoint = latest_checkpoint(self.output_dir)
         if checkpoint is None:
             raise ConfigError(f"--resume: no checkpoint under {self.output_dir / CHECKPOINTS}")
-        restore(model, checkpoint / "delta", self.settings.name)
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        layers = delta_layers(model)
+        if set(state["delta"]) != {p for p, layer in layers.items() if self.settings.name in layer.deltas}:
+            raise ConfigError(f"--resume: {checkpoint} adapts other modules than this run's delta")
+        for path, tensors in state["delta"].items():
+            layers[path].deltas[self.settings.name].load_state_dict(tensors)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
