@@ -9,9 +9,10 @@ CASES = {
     ),
     "llama_adapter": lambda: dt.LlamaAdapterConfig(adapter_len=3),
     "mam": lambda: dt.MAMConfig(num_virtual_tokens=2, bottleneck=4),
+    "unipelt": lambda: dt.UniPELTConfig(r=2, num_virtual_tokens=2, bottleneck=4),
 }
 # prefix tuning starts from random prefixes (the paper's init); LLaMA-Adapter's gate is zero
-NOT_IDENTITY = {"prefix", "prefix-reparameterized", "mam"}
+NOT_IDENTITY = {"prefix", "prefix-reparameterized", "mam", "unipelt"}
 # attention computed in the model's own code (ALiBi in BLOOM, Falcon's fused paths) has no place
 # for extra keys; LLaMA-Adapter needs separate key/value projections and causal self-attention
 _OWN_ATTENTION = {"bloom", "falcon"}
@@ -19,5 +20,6 @@ UNSUPPORTED = {
     "prefix": _OWN_ATTENTION,
     "prefix-reparameterized": _OWN_ATTENTION,
     "mam": _OWN_ATTENTION,
+    "unipelt": _OWN_ATTENTION,
     "llama_adapter": _OWN_ATTENTION | {"gpt2", "gpt_neox", "bert", "roberta", "distilbert", "t5", "bart"},
 }

@@ -156,7 +156,7 @@ METHOD_FLAGS = {
     "krona": (), "compacter": (), "compacter++": (), "far": (),
     "prefix": ("--set", "num_virtual_tokens=4"), "llama_adapter": ("--set", "adapter_len=2"),
     "mam": ("--set", "num_virtual_tokens=2"), "prompt": ("--set", "num_virtual_tokens=4"),
-    "ptuning": ("--set", "num_virtual_tokens=4"),
+    "ptuning": ("--set", "num_virtual_tokens=4"), "unipelt": ("--set", "num_virtual_tokens=2"),
 }
 
 

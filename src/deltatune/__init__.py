@@ -28,7 +28,7 @@ from .methods.compacter import CompacterConfig, CompacterPlusPlusConfig
 from .methods.far import FARConfig
 from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
-from .methods.hybrids import MAMConfig
+from .methods.hybrids import MAMConfig, UniPELTConfig
 from .methods.lora import LoRAConfig
 from .methods.prefix import LlamaAdapterConfig, PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig, PTuningConfig
@@ -68,6 +68,7 @@ __all__ = [
     "SparseAdapterConfig",
     "TargetError",
     "TopLayersConfig",
+    "UniPELTConfig",
     "activate",
     "attach",
     "calibrate",

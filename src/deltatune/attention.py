@@ -82,6 +82,9 @@ class AttentionDelta(Delta):
     wraps_call = True
     adds_keys = False
     adds_output = False
+    #: (batch, queries) weights of this delta's keys, set for the duration of a call by gated
+    #: deltas (UniPELT); None: the keys always count fully
+    query_gate: Tensor | None = None
 
     def extra_keys_values(self, module: nn.Module, key: Tensor) -> tuple[Tensor, Tensor]:
         """(keys, values), each (kv_heads, n, head_dim), to attend to before ``key``'s."""
@@ -137,11 +140,39 @@ for _name in SUPPORTED_IMPLEMENTATIONS:
 
 
 def _attend(function, implementation, in_use, module, query, key, value, attention_mask, **kwargs):
-    batch, queries = query.shape[0], query.shape[2]
-    adding_keys = [u for u in in_use if u.delta.adds_keys]
-    if adding_keys:
+    batch = query.shape[0]
+    adding = [u for u in in_use if u.delta.adds_keys]
+    always = [u for u in adding if u.delta.query_gate is None]
+    output, weights = _with_keys(function, implementation, always, module, query, key, value, attention_mask, kwargs)
+    for used in adding:
+        if used.delta.query_gate is None:
+            continue
+        # a gated key set (UniPELT): out = out_without + g ⊙ (out_with − out_without), g per query
+        with_keys, _ = _with_keys(
+            function, implementation, [*always, used], module, query, key, value, attention_mask, kwargs
+        )
+        gate = used.delta.query_gate
+        chosen = used.rows.mask(batch, query.device)
+        if chosen is not None:
+            gate = gate * chosen.view(-1, 1).to(gate.dtype)
+        output = output + gate[:, :, None, None].to(output.dtype) * (with_keys - output)
+    for used in in_use:
+        if used.delta.adds_output:
+            extra = used.delta.extra_output(module, query, kwargs.get("scaling") or query.shape[-1] ** -0.5, value)
+            chosen = used.rows.mask(batch, query.device)
+            if chosen is not None:
+                extra = extra * chosen.view(-1, 1, 1, 1).to(extra.dtype)
+            output = output + extra.transpose(1, 2).to(output.dtype)
+    return output, weights
+
+
+def _with_keys(function, implementation, adding, module, query, key, value, attention_mask, kwargs):
+    """The model's attention function with the key/value sets of ``adding`` in front."""
+    kwargs = dict(kwargs)
+    if adding:
+        batch, queries = query.shape[0], query.shape[2]
         keys, values, columns = [], [], []
-        for used in adding_keys:
+        for used in adding:
             extra_k, extra_v = used.delta.extra_keys_values(module, key)
             keys.append(extra_k.to(key.dtype).unsqueeze(0).expand(key.shape[0], -1, -1, -1))
             values.append(extra_v.to(value.dtype).unsqueeze(0).expand(value.shape[0], -1, -1, -1))
@@ -156,15 +187,7 @@ def _attend(function, implementation, in_use, module, query, key, value, attenti
         if bias is not None:  # T5: the extra keys have no relative position, hence no bias
             pad = bias.new_zeros((*bias.shape[:-1], key.shape[2] - real_keys))
             kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
-    output, weights = function(module, query, key, value, attention_mask, **kwargs)
-    for used in in_use:
-        if used.delta.adds_output:
-            extra = used.delta.extra_output(module, query, kwargs.get("scaling") or query.shape[-1] ** -0.5, value)
-            chosen = used.rows.mask(batch, query.device)
-            if chosen is not None:
-                extra = extra * chosen.view(-1, 1, 1, 1).to(extra.dtype)
-            output = output + extra.transpose(1, 2).to(output.dtype)
-    return output, weights
+    return function(module, query, key, value, attention_mask, **kwargs)
 
 
 def _extended_mask(mask, columns, module, implementation, queries, real_keys, dtype, kwargs):

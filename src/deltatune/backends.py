@@ -208,7 +208,12 @@ class ContainerBackend(Backend):
     in_features = out_features = 0
 
     def signature(self) -> str:
-        return f"{type(self.module).__name__}:{sum(p.numel() for p in self.module.parameters())}"
+        from .anatomy import iter_modules
+
+        # the model's own parameters only: deltas attached inside (LoRA on its projections)
+        # must not change the fingerprint
+        own = sum(p.numel() for _, m in iter_modules(self.module) for p in m.parameters(recurse=False))
+        return f"{type(self.module).__name__}:{own}"
 
     def dense_weight(self) -> Tensor:
         raise TypeError(f"{type(self.module).__name__} is a container of other modules; it has no dense weight")

@@ -190,9 +190,12 @@ class ParallelAdapter(BesideSublayer):
 class SerialAdapterConfig(BottleneckConfig):
     """A serial bottleneck adapter on each targeted output projection."""
 
+    #: the Delta class built per module (a hybrid may build a gated subclass)
+    delta_class: ClassVar[type] = SerialAdapter
+
     def build(self, path: str, module: nn.Module, options: dict[str, Any], initialize: bool = True) -> SerialAdapter:
         backend = backend_for(module)
-        return SerialAdapter(self, self.bottleneck_module(backend.out_features, backend, options, initialize))
+        return self.delta_class(self, self.bottleneck_module(backend.out_features, backend, options, initialize))
 
 
 @register

@@ -60,6 +60,8 @@ class LoRAConfig(DeltaConfig):
     default_targets: ClassVar[tuple[str, ...]] = ("all-linear",)
     supports_merge: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
+    #: the Delta class built per module (a hybrid may build a gated subclass)
+    delta_class: ClassVar[type] = None  # set below, once LoRADelta exists
 
     r: int = 8
     alpha: float = 16.0
@@ -115,7 +117,7 @@ class LoRAConfig(DeltaConfig):
             )
         if r > min(backend.in_features, backend.out_features) and self.init == "pissa":
             raise ConfigError(f"r={r} exceeds the rank of {path} ({backend.out_features}×{backend.in_features})")
-        return LoRADelta(
+        return self.delta_class(
             self, backend, r=r, scale=self.scale(r, alpha), initialize=initialize, device=options.get("device")
         )
 
@@ -237,3 +239,6 @@ class LoRADelta(Delta):
             dw = merged - w
         d_bias = None if self.delta_bias is None else self.delta_bias.detach().float()
         return dw.detach(), d_bias
+
+
+LoRAConfig.delta_class = LoRADelta

@@ -182,8 +182,10 @@ class PrefixDelta(AttentionDelta):
         self.prefix_values = nn.Parameter(values)
 
     def saved_state(self) -> dict[str, Tensor]:
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
         keys, values = self.prefixes()
-        return {"prefix_keys": keys.detach(), "prefix_values": values.detach()}
+        state.update(prefix_keys=keys.detach(), prefix_values=values.detach())
+        return state
 
     def load_saved_state(self, state: dict[str, Tensor], where: str) -> None:
         self.fold()
@@ -205,6 +207,8 @@ class PrefixTuningConfig(_AttentionMethodConfig):
 
     method: ClassVar[str] = "prefix"
     default_lr: ClassVar[float] = 1e-2
+    #: the Delta class built per module (a hybrid may build a gated subclass)
+    delta_class: ClassVar[type] = PrefixDelta
 
     num_virtual_tokens: int = 20
     reparameterize: bool = False
@@ -224,7 +228,7 @@ class PrefixTuningConfig(_AttentionMethodConfig):
         first = next(module.parameters())
         device = options.get("device") or first.device
         dtype = _param_dtype(self.param_dtype, first.dtype)
-        delta = PrefixDelta(self, key_rows.shape[0], value_rows.shape[0], dtype, device)
+        delta = self.delta_class(self, key_rows.shape[0], value_rows.shape[0], dtype, device)
         if initialize:
             with torch.no_grad():
                 nn.init.normal_(delta.prefix_keys, std=_row_scale(key_rows))
