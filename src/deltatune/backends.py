@@ -178,13 +178,13 @@ class ModuleBackend(Backend):
         raise TypeError(f"{type(self.module).__name__} is not a linear map")
 
 
-class ContainerBackend(Backend):
+class ContainerBackend(ModuleBackend):
     """A module whose parameters all live in its children: an attention module, the model body
     that embeds the tokens. Only deltas that wrap the module's whole call use it (prefixes that
     attention reads, prompts prepended to the input); it has no weight of its own."""
 
     kind = "container"
-    is_linear_map = False
+    in_features = out_features = 0
 
     def _first(self) -> Tensor:
         return next(self.module.parameters())
@@ -197,16 +197,6 @@ class ContainerBackend(Backend):
     def bias(self) -> None:
         return None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._first().dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._first().device
-
-    in_features = out_features = 0
-
     def signature(self) -> str:
         from .anatomy import iter_modules
 
@@ -214,12 +204,6 @@ class ContainerBackend(Backend):
         # must not change the fingerprint
         own = sum(p.numel() for _, m in iter_modules(self.module) for p in m.parameters(recurse=False))
         return f"{type(self.module).__name__}:{own}"
-
-    def dense_weight(self) -> Tensor:
-        raise TypeError(f"{type(self.module).__name__} is a container of other modules; it has no dense weight")
-
-    def matmul(self, x: Tensor) -> Tensor:
-        raise TypeError(f"{type(self.module).__name__} is a container of other modules")
 
 
 def layer_backend(module: nn.Module) -> Backend | None:
