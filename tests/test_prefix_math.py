@@ -352,3 +352,54 @@ def test_unipelt_prefix_gate_interpolates_between_without_and_with_the_prefix(ga
             without, _ = attention(hidden, **call)
         with_prefix, _ = reference(hidden, **call)
     torch.testing.assert_close(ours, without + share * (with_prefix - without), **TOL)
+
+
+@pytest.mark.parametrize("method", ["prefix", "mam", "unipelt"])
+def test_sequence_classification_encoder_trains(method):
+    """A BERT classifier (fresh head trained alongside, as a task needs) learns with each method."""
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=66, num_labels=2,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(config)
+    dt.attach(model, make(method))
+    model.classifier.weight.requires_grad_(True)
+    model.classifier.bias.requires_grad_(True)
+    ids = torch.randint(4, 128, (8, 6), generator=torch.Generator().manual_seed(0))
+    labels = (ids[:, 0] % 2).long()
+    params = dt.trainable_parameters(model) + list(model.classifier.parameters())
+    optimizer = torch.optim.AdamW(params, lr=3e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_calibration_initialises_prefixes_from_the_models_own_keys_and_values():
+    """Li & Liang's init from activations of real words: layer l's prefixes are the keys and
+    values the base model computes at layer l for the first n tokens of the first sample."""
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama", model, batch=2)
+    n = 3
+    recorded = []
+    with torch.no_grad():  # the base model's own keys and values, from its cache
+        cache = DynamicCache()
+        model(**inputs, past_key_values=cache, use_cache=True)
+        for index in range(len(model.model.layers)):
+            keys, values = cache.layers[index].keys, cache.layers[index].values  # (batch, kv_heads, seq, dim)
+            flat = lambda t: t[0, :, :n].transpose(0, 1).reshape(n, -1)  # noqa: E731
+            recorded.append((flat(keys), flat(values)))
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=n))
+    assert dt.calibrate(model, [inputs], loss_fn=lambda m, b: m(**b).logits.sum()) == 2
+    for (keys, values), layer in zip(recorded, delta_layers(model).values()):
+        delta = layer.deltas["default"]
+        torch.testing.assert_close(delta.prefix_keys, keys, atol=0, rtol=0)
+        torch.testing.assert_close(delta.prefix_values, values, atol=0, rtol=0)
+        assert not delta.needs_calibration
+    assert dt.calibrate(model, [inputs]) == 0, "calibrated once, trained after"

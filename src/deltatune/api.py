@@ -360,7 +360,9 @@ def calibrate(
         delta.calibrating = True
     try:
         for batch in batches:
-            loss_fn(model, batch).backward()
+            loss = loss_fn(model, batch)
+            if loss.requires_grad:  # deltas that only read activations need no backward pass
+                loss.backward()
         for layer, delta in waiting:
             delta.finish_calibration(layer.backend)
             delta.needs_calibration = False

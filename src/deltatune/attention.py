@@ -94,6 +94,9 @@ class AttentionDelta(Delta):
         """A term (batch, heads, queries, head_dim) added to the attention output."""
         raise NotImplementedError
 
+    def record(self, key: Tensor, value: Tensor) -> None:
+        """While :func:`deltatune.calibrate` runs: see the model's own keys and values."""
+
     def call(self, module: nn.Module, run, args: tuple, kwargs: dict, rows: RowSelector):
         reason = attention_support(module)
         if reason:
@@ -141,7 +144,10 @@ for _name in SUPPORTED_IMPLEMENTATIONS:
 
 def _attend(function, implementation, in_use, module, query, key, value, attention_mask, **kwargs):
     batch = query.shape[0]
-    adding = [u for u in in_use if u.delta.adds_keys]
+    for used in in_use:
+        if used.delta.calibrating:  # it reads the model's own keys and values, adding nothing
+            used.delta.record(key, value)
+    adding = [u for u in in_use if u.delta.adds_keys and not u.delta.calibrating]
     always = [u for u in adding if u.delta.query_gate is None]
     output, weights = _with_keys(function, implementation, always, module, query, key, value, attention_mask, kwargs)
     for used in adding:
@@ -157,7 +163,7 @@ def _attend(function, implementation, in_use, module, query, key, value, attenti
             gate = gate * chosen.view(-1, 1).to(gate.dtype)
         output = output + gate[:, :, None, None].to(output.dtype) * (with_keys - output)
     for used in in_use:
-        if used.delta.adds_output:
+        if used.delta.adds_output and not used.delta.calibrating:
             extra = used.delta.extra_output(module, query, kwargs.get("scaling") or query.shape[-1] ** -0.5, value)
             chosen = used.rows.mask(batch, query.device)
             if chosen is not None:

@@ -88,6 +88,10 @@ class MAMConfig(DeltaConfig):
         self.prefix_part()
         self.adapter_part()
 
+    @property
+    def calibration_batches(self) -> int:
+        return self.prefix_part().calibration_batches
+
     def prefix_part(self) -> PrefixTuningConfig:
         return PrefixTuningConfig(
             num_virtual_tokens=self.num_virtual_tokens, reparameterize=self.reparameterize,
@@ -214,6 +218,10 @@ class UniPELTConfig(DeltaConfig):
 
     def lora_part(self) -> LoRAConfig:
         return _GatedLoRAPart(r=self.r, alpha=self.alpha, param_dtype=self.param_dtype)
+
+    @property
+    def calibration_batches(self) -> int:
+        return self.prefix_part().calibration_batches
 
     def prefix_part(self) -> PrefixTuningConfig:
         return _GatedPrefixPart(num_virtual_tokens=self.num_virtual_tokens, param_dtype=self.param_dtype)

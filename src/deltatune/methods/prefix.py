@@ -16,8 +16,12 @@ self-attention, and in encoder-decoder models the encoder's and the decoder's se
 the decoder's cross-attention. The prefixes are not in the KV cache and have no position: real
 tokens keep the positions they have without the delta (the paper's GPT-2 implementation shifted
 them by n; with learned prefixes that shift only changes which absolute position embeddings the
-real tokens get). Initialised N(0, σ²) with σ the scale of the layer's real keys (values), i.e.
-the row norm of the key (value) projection, so the prefixes start as ordinary-looking keys.
+real tokens get). Initialised as the paper recommends, from activations of real words
+(``init="activations"``): :func:`deltatune.calibrate` (run by ``deltatune train`` on its first
+batch) copies each layer's own keys and values of the first n tokens of the first sample into
+its prefixes. Until then, and with ``init="random"`` or ``reparameterize``, they are drawn from
+N(0, σ²), σ the scale of the layer's real keys (values) — which on a real model moves attention
+mass onto random keys and costs far more at the start (SmolLM2-135M's held-out loss 0.55 → 18).
 
 **LLaMA-Adapter** (Zhang et al., 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models
 with Zero-init Attention"). The top L layers get K learnable adaption prompts T_l ∈ R^{K×d}
@@ -53,6 +57,7 @@ from ..errors import ConfigError, TargetError
 
 PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_ROLES = ("attn.q", "attn.qkv")
+PREFIX_INITS = ("activations", "random")
 
 
 def _param_dtype(choice: str, base_dtype: torch.dtype) -> torch.dtype:
@@ -149,6 +154,7 @@ class PrefixDelta(AttentionDelta):
         self.prefix_keys = nn.Parameter(torch.zeros(n, key_width, dtype=dtype, device=device))
         self.prefix_values = nn.Parameter(torch.zeros(n, value_width, dtype=dtype, device=device))
         self._encoder: tuple[PrefixEncoder, int] | None = None  # (shared encoder, my slot), not a submodule
+        self._recorded: tuple[Tensor, Tensor] | None = None
 
     def use_encoder(self, encoder: PrefixEncoder, slot: int, owner: bool) -> None:
         """Read the prefixes from ``encoder``'s outputs 2·slot (keys) and 2·slot+1 (values)."""
@@ -169,6 +175,23 @@ class PrefixDelta(AttentionDelta):
         head_dim = key.shape[-1]
         return _by_head(keys, head_dim), _by_head(values, head_dim)
 
+    def record(self, key: Tensor, value: Tensor) -> None:
+        if self._recorded is not None:
+            return
+        n = self.prefix_keys.shape[0]
+        index = torch.arange(n, device=key.device) % key.shape[2]  # repeated if the sample is short
+        flat = lambda t: t[0].index_select(1, index).transpose(0, 1).reshape(n, -1)  # noqa: E731
+        self._recorded = (flat(key).detach(), flat(value).detach())
+
+    @torch.no_grad()
+    def finish_calibration(self, backend) -> None:
+        if self._recorded is None:
+            raise RuntimeError("calibration ran no batch through this attention module")
+        keys, values = self._recorded
+        self.prefix_keys.copy_(keys.to(self.prefix_keys.dtype))
+        self.prefix_values.copy_(values.to(self.prefix_values.dtype))
+        self._recorded = None
+
     @torch.no_grad()
     def fold(self) -> None:
         """Replace the shared encoder by the plain prefixes it produces now."""
@@ -188,6 +211,7 @@ class PrefixDelta(AttentionDelta):
         return state
 
     def load_saved_state(self, state: dict[str, Tensor], where: str) -> None:
+        self.needs_calibration = False  # trained prefixes, not to be replaced by activations
         self.fold()
         super().load_saved_state(state, where)
 
@@ -211,13 +235,19 @@ class PrefixTuningConfig(_AttentionMethodConfig):
     delta_class: ClassVar[type] = PrefixDelta
 
     num_virtual_tokens: int = 20
+    init: str = "activations"
     reparameterize: bool = False
     encoder_embed_dim: int = 512
     encoder_hidden_size: int = 512
 
+    @property
+    def calibration_batches(self) -> int:
+        return 1 if self.init == "activations" and not self.reparameterize else 0
+
     def validate(self) -> None:
         super().validate()
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens, "the prefix length n")
+        check_choice("init", self.init, PREFIX_INITS)
         _check_bool("reparameterize", self.reparameterize)
         check_positive_int("encoder_embed_dim", self.encoder_embed_dim, "the width of P′")
         check_positive_int("encoder_hidden_size", self.encoder_hidden_size, "the MLP's hidden units")
@@ -230,6 +260,7 @@ class PrefixTuningConfig(_AttentionMethodConfig):
         dtype = _param_dtype(self.param_dtype, first.dtype)
         delta = self.delta_class(self, key_rows.shape[0], value_rows.shape[0], dtype, device)
         if initialize:
+            delta.needs_calibration = self.calibration_batches > 0
             with torch.no_grad():
                 nn.init.normal_(delta.prefix_keys, std=_row_scale(key_rows))
                 nn.init.normal_(delta.prefix_values, std=_row_scale(value_rows))
