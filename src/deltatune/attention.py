@@ -90,7 +90,7 @@ class AttentionDelta(Delta):
         """(keys, values), each (kv_heads, n, head_dim), to attend to before ``key``'s."""
         raise NotImplementedError
 
-    def extra_output(self, module: nn.Module, query: Tensor, scaling: float, value: Tensor) -> Tensor:
+    def extra_output(self, module: nn.Module, query: Tensor, scaling: float) -> Tensor:
         """A term (batch, heads, queries, head_dim) added to the attention output."""
         raise NotImplementedError
 
@@ -164,7 +164,7 @@ def _attend(function, implementation, in_use, module, query, key, value, attenti
         output = output + gate[:, :, None, None].to(output.dtype) * (with_keys - output)
     for used in in_use:
         if used.delta.adds_output and not used.delta.calibrating:
-            extra = used.delta.extra_output(module, query, kwargs.get("scaling") or query.shape[-1] ** -0.5, value)
+            extra = used.delta.extra_output(module, query, kwargs.get("scaling") or query.shape[-1] ** -0.5)
             chosen = used.rows.mask(batch, query.device)
             if chosen is not None:
                 extra = extra * chosen.view(-1, 1, 1, 1).to(extra.dtype)
@@ -244,7 +244,7 @@ def _device(columns, module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def attention_modules(paths: list[str], anatomy, modules: dict[str, nn.Module]) -> list[str]:
+def attention_modules(paths: list[str], anatomy) -> list[str]:
     """The attention modules (parents of query or fused qkv projections) among or above ``paths``,
     in model order: a path that already is an attention module stays."""
     found = []

@@ -163,22 +163,6 @@ def load(
     return names
 
 
-def restore(model: nn.Module, path: str | Path, name: str) -> None:
-    """Copy saved weights into the delta ``name`` already attached to ``model`` (same config),
-    in place, so optimizers and DDP wrappers holding its parameters stay valid."""
-    (directory,) = delta_directories(path)
-    meta = _read_meta(directory)
-    info = deltas(model).get(name)
-    if info is None or info.config.to_dict() != meta["config"]:
-        raise CheckpointError(f"{directory} holds a delta with another config than {name!r} on this model")
-    per_module = _group_by_module(load_file(str(directory / WEIGHTS_FILE)), model)
-    for module_path in meta.get("paths", ()):
-        per_module.setdefault(module_path, {})
-    if set(per_module) != set(info.paths):
-        raise CheckpointError(f"{directory} adapts other modules than the delta {name!r} on this model")
-    _fill(model, name, per_module, directory, info.config.method)
-
-
 def _fill(model: nn.Module, name: str, per_module: dict[str, dict[str, torch.Tensor]], directory: Path, method: str) -> None:
     layers = delta_layers(model)
     for module_path, state in per_module.items():

@@ -160,10 +160,6 @@ class RowSelector:
         self.name = name
         self.routing = routing
 
-    @property
-    def routed(self) -> bool:
-        return self.routing is not None
-
     def mask(self, rows: int, device: torch.device) -> Tensor | None:
         """A (rows,) bool tensor of the rows this delta applies to; None when it applies to all."""
         if self.routing is None:
@@ -194,6 +190,7 @@ class DeltaLayer(nn.Module):
         self._unmerged: tuple[str, ...] = ()
         self._plain = True
         self._wrapping: tuple[str, ...] = ()
+        self._holds_wrapping = False
         self._params_before_merge: dict[str, Tensor] | None = None
 
     def __getattr__(self, name: str):
@@ -211,11 +208,13 @@ class DeltaLayer(nn.Module):
         # the common case (only additive deltas) keeps the fastest path
         self._plain = not any(d.transforms_input or d.overrides_parameters for d in chosen)
         self._wrapping = tuple(n for n in self._unmerged if self.deltas[n].wraps_call)
+        self._holds_wrapping = any(d.wraps_call for d in self.deltas.values())
 
     def forward(self, *args, **kwargs):
-        wrapping = self._routed_wrapping() if self.routing is not None else self._wrapping
-        if wrapping:
-            return self._wrapped_call(wrapping, args, kwargs)
+        if self._holds_wrapping:  # containers only: linear layers keep their path below
+            wrapping = self._routed_wrapping() if self.routing is not None else self._wrapping
+            if wrapping:
+                return self._wrapped_call(wrapping, args, kwargs)
         if not args:  # a container whose wrapping deltas are all off: just the module
             return self.base(**kwargs)
         x, args = args[0], args[1:]

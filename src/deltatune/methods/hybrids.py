@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..attention import attention_modules, uses_attention_interface
+from ..anatomy import linear_shape
+from ..attention import attention_modules, projection_children, uses_attention_interface
 from ..backends import Backend, backend_for
 from ..config import DeltaConfig, check_choice, check_number, check_positive_int, register
 from ..errors import ConfigError
@@ -111,7 +112,7 @@ class MAMConfig(DeltaConfig):
     def expand(self, paths: list[str], anatomy) -> list[str]:
         writers = [p for p in paths if anatomy.role_of.get(p) == "ffn.down"]
         attention = [p for p in paths if anatomy.role_of.get(p) not in FFN_ROLES]
-        return attention_modules(attention, anatomy, {}) + with_readers(writers, anatomy)
+        return attention_modules(attention, anatomy) + with_readers(writers, anatomy)
 
     def build(self, path: str, module: nn.Module, options: dict[str, Any], initialize: bool = True) -> Delta:
         part = self.adapter_part() if options.get("role") in FFN_ROLES else self.prefix_part()
@@ -239,7 +240,7 @@ class UniPELTConfig(DeltaConfig):
 
     def expand(self, paths: list[str], anatomy) -> list[str]:
         readers = [p for p in paths if anatomy.role_of.get(p) in ATTENTION_ROLES]
-        return [*attention_modules(readers, anatomy, {}), *paths]
+        return [*attention_modules(readers, anatomy), *paths]
 
     def build(self, path: str, module: nn.Module, options: dict[str, Any], initialize: bool = True) -> Delta:
         role = options.get("role")
@@ -259,9 +260,6 @@ class UniPELTConfig(DeltaConfig):
 
 def _hidden_width(path: str, anatomy, module: nn.Module) -> int:
     """The width of an attention module's input: its query (or fused) projection's input."""
-    from ..anatomy import linear_shape
-    from ..attention import projection_children
-
     children = projection_children(path, anatomy)
     role = "attn.q" if "attn.q" in children else "attn.qkv"
     return linear_shape(module.get_submodule(children[role].rpartition(".")[2]))[0]

@@ -90,7 +90,7 @@ class _AttentionMethodConfig(DeltaConfig):
         return role in ATTENTION_ROLES or uses_attention_interface(module)
 
     def expand(self, paths: list[str], anatomy) -> list[str]:
-        return attention_modules(paths, anatomy, {})
+        return attention_modules(paths, anatomy)
 
     def _refuse_unsupported(self, path: str, module: nn.Module) -> None:
         reason = attention_support(module)
@@ -128,16 +128,19 @@ class PrefixEncoder(nn.Module):
 
     def __init__(self, tokens: int, embed_dim: int, hidden: int, widths: list[int], dtype, device):
         super().__init__()
-        self.widths = widths
+        self.starts = [sum(widths[:i]) for i in range(len(widths) + 1)]
         self.embeddings = nn.Parameter(torch.randn(tokens, embed_dim, dtype=dtype, device=device))
         self.mlp = nn.Sequential(
             nn.Linear(embed_dim, hidden, dtype=dtype, device=device),
             nn.Tanh(),
-            nn.Linear(hidden, sum(widths), dtype=dtype, device=device),
+            nn.Linear(hidden, self.starts[-1], dtype=dtype, device=device),
         )
 
-    def forward(self) -> list[Tensor]:
-        return list(torch.split(self.mlp(self.embeddings), self.widths, dim=-1))
+    def output(self, index: int) -> Tensor:
+        """Output block ``index`` (2·slot: a layer's keys, 2·slot+1: its values). Each layer runs
+        only its own rows of the last linear layer, not every layer's."""
+        first, last = self.mlp[2], slice(self.starts[index], self.starts[index + 1])
+        return F.linear(self.mlp[1](self.mlp[0](self.embeddings)), first.weight[last], first.bias[last])
 
 
 class PrefixDelta(AttentionDelta):
@@ -167,8 +170,7 @@ class PrefixDelta(AttentionDelta):
         if self._encoder is None:
             return self.prefix_keys, self.prefix_values
         encoder, slot = self._encoder
-        outputs = encoder()
-        return outputs[2 * slot], outputs[2 * slot + 1]
+        return encoder.output(2 * slot), encoder.output(2 * slot + 1)
 
     def extra_keys_values(self, module: nn.Module, key: Tensor) -> tuple[Tensor, Tensor]:
         keys, values = self.prefixes()
@@ -293,7 +295,7 @@ class LlamaAdapterDelta(AttentionDelta):
         self.adaption_prompt = nn.Parameter(torch.zeros(config.adapter_len, hidden, dtype=dtype, device=device))
         self.gate = nn.Parameter(torch.zeros(heads, dtype=dtype, device=device))
 
-    def extra_output(self, module: nn.Module, query: Tensor, scaling: float, value: Tensor) -> Tensor:
+    def extra_output(self, module: nn.Module, query: Tensor, scaling: float) -> Tensor:
         prompt = self.adaption_prompt.to(query.dtype)
         head_dim = query.shape[-1]
         keys = _by_head(module.get_submodule(self.k_name)(prompt), head_dim)    # (kv_heads, K, head_dim)
