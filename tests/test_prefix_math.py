@@ -110,9 +110,8 @@ def test_llama_adapter_size_on_llama_7b_config_is_about_1_2m():
 
 
 CACHE_CASES = [
-    ("prefix", "llama"), ("prefix", "gpt2"), ("prefix", "t5"),
-    ("prefix-reparameterized", "llama"), ("llama_adapter", "llama"), ("unipelt", "llama"), ("unipelt", "t5"),
-    ("mam", "gpt2"),
+    *((m, a) for m in ("prefix", "mam", "unipelt") for a in ("llama", "gpt2", "t5")),
+    ("prefix-reparameterized", "llama"), ("llama_adapter", "llama"),
 ]
 
 
@@ -148,7 +147,7 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(method, arch):
     assert (cached.scores[0] - plain.scores[0]).abs().max() > 1e-3, "the delta should change the scores"
 
 
-@pytest.mark.parametrize("method", ["prefix", "llama_adapter", "unipelt"])
+@pytest.mark.parametrize("method", ["prefix", "llama_adapter", "mam", "unipelt"])
 def test_left_padded_generation_matches_each_prompt_alone(method):
     model = tiny_model("llama")
     dt.attach(model, make(method))
@@ -164,10 +163,11 @@ def test_left_padded_generation_matches_each_prompt_alone(method):
             assert torch.equal(batched[row, width:], alone[0, len(prompt):])
 
 
+@pytest.mark.parametrize("method", ["prefix", "mam", "unipelt"])
 @pytest.mark.parametrize("arch", ["bert", "t5", "llama"])
-def test_right_padded_batch_matches_each_sample_alone(arch):
+def test_right_padded_batch_matches_each_sample_alone(arch, method):
     model = tiny_model(arch)
-    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=3))
+    dt.attach(model, make(method))
     perturb(model)
     lengths = [7, 4]
     ids = torch.randint(4, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -182,7 +182,7 @@ def test_right_padded_batch_matches_each_sample_alone(arch):
             torch.testing.assert_close(batched[row, :positions], alone[0], **TOL)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prefix-reparameterized", "llama_adapter", "unipelt"])
+@pytest.mark.parametrize("method", ["prefix", "prefix-reparameterized", "llama_adapter", "mam", "unipelt"])
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     def gradients(checkpointing):
         model = tiny_model("llama")
@@ -403,3 +403,66 @@ def test_calibration_initialises_prefixes_from_the_models_own_keys_and_values():
         torch.testing.assert_close(delta.prefix_values, values, atol=0, rtol=0)
         assert not delta.needs_calibration
     assert dt.calibrate(model, [inputs]) == 0, "calibrated once, trained after"
+
+
+CLASSIFIER_METHODS = {
+    "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=3),
+    "ptuning": lambda: dt.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+    "prefix": lambda: make("prefix"),
+    "mam": lambda: make("mam"),
+    "unipelt": lambda: make("unipelt"),
+}
+
+
+def _classifier():
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=66, num_labels=3)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return tf.BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("method", list(CLASSIFIER_METHODS))
+def test_invariants_on_a_sequence_classification_encoder(method, tmp_path):
+    """The invariant suite's checks on BertForSequenceClassification (the zoo's encoders are
+    masked LMs): detach restores it, only delta parameters get gradients, save/load is exact,
+    disabled is the base, and a mixed batch equals separate runs."""
+    model = _classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(4, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 6])
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    for i, name in enumerate(("a", "b")):
+        dt.attach(model, CLASSIFIER_METHODS[method](), name)
+        perturb(model, name, seed=i + 1)
+    model.train()
+    dt.activate(model, "a")
+    model(input_ids=ids, attention_mask=mask).logits.pow(2).sum().backward()
+    delta_params = {id(p) for p in dt.trainable_parameters(model, "a")}
+    assert all((p.grad is not None) == (id(p) in delta_params) for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        separate = {}
+        for name in ("a", "b"):
+            dt.activate(model, name)
+            separate[name] = model(input_ids=ids, attention_mask=mask).logits
+        with dt.disabled(model):
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, base, atol=0, rtol=0)
+        with dt.route(model, ["b", None, "a"]):
+            mixed = model(input_ids=ids, attention_mask=mask).logits
+        for row, name in enumerate(["b", None, "a"]):
+            torch.testing.assert_close(mixed[row], (base if name is None else separate[name])[row], **TOL)
+        dt.save(model, tmp_path / "delta", "a")
+        fresh = _classifier()
+        dt.load(fresh, tmp_path / "delta")
+        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, separate["a"], atol=0, rtol=0)
+    dt.detach(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_llama_adapter_is_refused_on_a_sequence_classification_encoder():
+    with pytest.raises(dt.TargetError, match="not supported.*causal self-attention of decoder-only models"):
+        dt.attach(_classifier(), dt.LlamaAdapterConfig())

@@ -132,7 +132,7 @@ def test_two_active_prompts_concatenate_the_later_first():
 
 # (b) generation with and without the KV cache ----------------------------------------------------
 
-@pytest.mark.parametrize("arch,method", [("llama", "prompt"), ("gpt2", "prompt"), ("t5", "prompt"), ("gpt2", "ptuning-lstm")])
+@pytest.mark.parametrize("arch,method", [(a, m) for m in ("prompt", "ptuning-lstm") for a in ("llama", "gpt2", "t5")])
 def test_greedy_generation_is_the_same_with_and_without_cache(arch, method):
     model = tiny_model(arch)
     inputs = {k: v for k, v in tiny_inputs(arch, model).items() if not k.startswith("decoder_")}
@@ -253,7 +253,7 @@ def test_routed_rows_equal_separate_runs_with_different_lengths(arch):
 
 # (d) gradient checkpointing ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["prompt", "ptuning-mlp"])
+@pytest.mark.parametrize("method", list(CONFIGS))
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     def grads(checkpointing: bool):
         model = tiny_model("llama")
