@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli.main import app
+from deltatune.models import load_model_and_tokenizer
 from tiny_hub import save_tiny_model
 
 runner = CliRunner()
@@ -46,6 +47,27 @@ def test_train_end_to_end(tiny_dir, data_file, tmp_path):
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert summary["steps"] == 8 and summary["settings"]["method_options"]["r"] == 4
     assert (tmp_path / "run" / "delta" / "delta.safetensors").is_file()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_train_on_a_quantized_base_with_a_named_optimizer(tiny_dir, data_file, tmp_path, scheme):
+    pytest.importorskip("bitsandbytes")
+    result = invoke(*train_args(tiny_dir, data_file, tmp_path / "run", "--max-steps", 8, "--r", 4,
+                                "--quantize", scheme, "--optim", "paged_adamw_8bit"))
+    assert result.exit_code == 0, result.output
+    assert "quantized base:" in result.output and "using adamw_8bit" in " ".join(result.output.split())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["settings"]["quantize"] == scheme and summary["optimizer"] == "adamw_8bit"
+    assert summary["after"]["loss"] < summary["before"]["loss"] and summary["peak_memory_mib"] > 0
+    # the delta applies to the unquantized model too
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    assert dt.load(model, tmp_path / "run" / "delta") == ["default"]
+
+
+def test_inspect_quantize_shows_the_memory_table(tiny_dir):
+    result = invoke("inspect", "--model", tiny_dir, "--quantize", "nf4", "--optim", "adamw_8bit")
+    assert result.exit_code == 0, result.output
+    assert "nf4+dq" in result.output and "quant. constants" in result.output and "optim. (adamw_8bit)" in result.output
 
 
 def test_config_file_with_flag_override(tiny_dir, data_file, tmp_path):
@@ -127,6 +149,9 @@ def test_generate_eval_merge_inspect(tiny_dir, data_file, tmp_path):
         (("--targets", "q_prj"), "Closest existing names: q_proj"),
         (("--set", "rank=3"), "unknown option 'rank'"),
         (("--schedule", "cosine_warm"), "schedule='cosine_warm' is not valid"),
+        (("--quantize", "nf2"), "quantization scheme 'nf2' is not valid; allowed: nf4, fp4, int8"),
+        (("--optim", "adam"), "optim='adam' is not valid; allowed: adamw, adamw_8bit"),
+        (("--quantize", "nf4", "--method", "far"), "not supported on a quantized base"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tiny_dir, data_file, tmp_path, extra, message):

@@ -14,6 +14,9 @@ Which model class each architecture gets:
   its head is a real output projection tied to the input embeddings (the same
   situation as a causal LM's head), unlike a freshly initialised classifier;
 * encoder-decoders (t5, bart): ``*ForConditionalGeneration``.
+
+``"<arch>+<scheme>"`` (``"llama+nf4"``, ``"bert+int8"``) is the same model with its linear
+layers quantized by :func:`deltatune.quantize` (bitsandbytes, on CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ FFN_SIZE = 64        # BLOOM ignores it: its MLP is always 4 x hidden
 NUM_LAYERS = 2       # per stack: encoder-decoders have NUM_LAYERS in each
 NUM_HEADS = 4
 NUM_KV_HEADS = 2     # where the architecture has grouped-query attention
+
+# Quantized variants the invariant suite also runs on: separate projections, GPT-2's Conv1D,
+# an encoder-decoder (T5 keeps `wo` in full precision) and LLM.int8 on an encoder.
+QUANTIZED_ARCHITECTURES: tuple[str, ...] = ("llama+nf4", "gpt2+nf4", "t5+nf4", "bert+int8")
 
 # Architectures built with fewer key/value heads than query heads (grouped-query attention).
 GROUPED_QUERY = frozenset({"llama", "mistral", "qwen2", "gemma", "falcon"})
@@ -135,18 +142,25 @@ def _config(arch: str) -> tuple[type, tf.PretrainedConfig]:
     raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
+def base_architecture(arch: str) -> str:
+    """``"llama"`` for ``"llama+nf4"``: the architecture without its quantization."""
+    return arch.partition("+")[0]
+
+
 def is_seq2seq(arch: str) -> bool:
     """Whether ``arch`` is an encoder-decoder (needs decoder inputs)."""
-    return arch in _SEQ2SEQ
+    return base_architecture(arch) in _SEQ2SEQ
 
 
 def is_decoder(arch: str) -> bool:
     """Whether ``arch`` is a decoder-only causal language model."""
+    arch = base_architecture(arch)
     return arch in ARCHITECTURES and arch not in _SEQ2SEQ and arch not in _ENCODER_ONLY
 
 
 def supports_generate(arch: str) -> bool:
     """Whether ``model.generate`` makes sense for ``arch`` (every LM but the masked ones)."""
+    arch = base_architecture(arch)
     return arch in ARCHITECTURES and arch not in _ENCODER_ONLY
 
 
@@ -155,12 +169,17 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
     The same ``seed`` always gives the same weights.
     """
+    arch, _, scheme = arch.partition("+")
     model_class, config = _config(arch)
     # Eager attention: identical numerics on every torch build, and tests that
     # compare outputs should not depend on which SDPA kernel was picked.
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_class(config)
+    if scheme:
+        from deltatune import quantize
+
+        quantize(model, scheme)
     return model.eval()
 
 

@@ -34,6 +34,7 @@ from .methods.prefix import LlamaAdapterConfig, PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig, PTuningConfig
 from .methods.selective import BitFitConfig, LNTuningConfig, TopLayersConfig
 from .methods.sparse_adapter import SparseAdapterConfig
+from .quant import merge_and_requantize, prepare_for_kbit_training, quantize, quantized_storage
 from .report import compare, plan, summary
 
 try:
@@ -42,6 +43,10 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
 __all__ = [
+    "merge_and_requantize",
+    "prepare_for_kbit_training",
+    "quantize",
+    "quantized_storage",
     "BitFitConfig",
     "CheckpointError",
     "CompacterConfig",

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Sequence
 from torch import nn
 
 from .anatomy import analyze, iter_modules
+from .backends import backend_for
 from .config import DeltaConfig
 from .errors import ConfigError, TargetError
 from .layer import DeltaLayer, Routing, delta_layers
@@ -99,6 +100,18 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
     return list(paths), anatomy
 
 
+def _check_quantized_base(model: nn.Module, config: DeltaConfig, paths: Sequence[str]) -> None:
+    if config.quantized_base_blocker is None:
+        return
+    for path in paths:
+        backend = backend_for(_base_of(model.get_submodule(path)))
+        if backend is not None and backend.quantized:
+            raise ConfigError(
+                f"method {config.method!r} is not supported on a quantized base ({path} is {backend.kind}): "
+                f"{config.quantized_base_blocker}"
+            )
+
+
 def _build_all(model, config, paths, anatomy, initialize, device=None):
     """One delta per path; ``options`` carries per-module values (rank patterns...), the
     module's role and, for dry runs, the device. ``config.link`` then wires deltas that work
@@ -142,6 +155,7 @@ def attach(
     if name in deltas(model):
         raise ConfigError(f"a delta named {name!r} is already attached; detach it first or choose another name")
     chosen, anatomy = _resolve_paths(model, config, paths)
+    _check_quantized_base(model, config, chosen)
     built = _build_all(model, config, chosen, anatomy, initialize)
 
     if not delta_layers(model):

@@ -3,11 +3,13 @@
 Methods never look at the module class. They ask a backend for the dense weight (oriented
 ``(out_features, in_features)`` whatever the storage layout), for an in-place weight update
 (merging), and for the input projection ``x -> A x`` (which for an Embedding is a lookup of
-the token ids in the columns of A). A new kind of base layer (e.g. 4-bit) is one more backend;
-no method changes.
+the token ids in the columns of A). A new kind of base layer is one more backend; no method changes: the 4-bit
+and 8-bit layers of bitsandbytes are backends whose dense weight is dequantized on demand.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,8 @@ class Backend:
     takes_activations = True
     #: whether the layer is a linear map with a dense (out, in) weight (False for norms & co.)
     is_linear_map = True
+    #: whether the weight is stored quantized (no gradient, no in-place update)
+    quantized = False
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -66,10 +70,6 @@ class Backend:
         """x -> x A^T for A of shape (r, in), given in the compute dtype: the first factor of a
         low-rank update."""
         return F.linear(x, a)
-
-    def matmul(self, x: Tensor) -> Tensor:
-        """W x without the bias."""
-        return F.linear(x, self.dense_weight())
 
 
 class LinearBackend(Backend):
@@ -132,8 +132,71 @@ class EmbeddingBackend(Backend):
     def project_input(self, x: Tensor, a: Tensor) -> Tensor:
         return F.embedding(x, a.T)
 
-    def matmul(self, x: Tensor) -> Tensor:
-        return F.embedding(x, self.weight)
+
+class QuantizedLinearBackend(Backend):
+    """A bitsandbytes linear layer (``Linear4bit``: NF4/FP4, ``Linear8bitLt``: LLM.int8) made by
+    :func:`deltatune.quantize` or by transformers' ``BitsAndBytesConfig``. Methods see the weight
+    dequantized to the compute dtype; merging goes through :meth:`dequantized_module`."""
+
+    quantized = True
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer computes (and returns) in: the one deltas compute in too."""
+        compute = getattr(self.module, "compute_dtype", None)
+        if compute is not None:
+            return compute
+        bias = self.module.bias
+        return bias.dtype if bias is not None else getattr(self.module, "deltatune_dtype", torch.float32)
+
+    def signature(self) -> str:
+        # a delta trained on a quantized base applies to the unquantized model and back
+        return f"linear:{self.out_features}x{self.in_features}"
+
+    def dequantized_module(self) -> nn.Linear:
+        """An ``nn.Linear`` holding the dequantized weight (and the bias) in the compute dtype."""
+        module = self.module
+        dense = nn.Linear(self.in_features, self.out_features, bias=module.bias is not None,
+                          dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+        dense.weight.requires_grad_(False)
+        if dense.bias is not None:
+            dense.bias.requires_grad_(module.bias.requires_grad)
+        return dense
+
+
+class Linear4bitBackend(QuantizedLinearBackend):
+    """``bitsandbytes.nn.Linear4bit``: W = absmax_block · code[q] (see :mod:`deltatune.quant`)."""
+
+    kind = "linear4bit"
+
+    def dense_weight(self) -> Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        weight = self.module.weight
+        return dequantize_4bit(weight.data, weight.quant_state).to(self.dtype)
+
+
+class Linear8bitBackend(QuantizedLinearBackend):
+    """``bitsandbytes.nn.Linear8bitLt`` (LLM.int8): W = row_absmax / 127 · q, q ∈ int8."""
+
+    kind = "linear8bit"
+
+    def dense_weight(self) -> Tensor:
+        weight = self.module.weight
+        scales = weight.SCB if weight.SCB is not None else self.module.state.SCB
+        return (weight.data.float() * (scales.float()[:, None] / 127.0)).to(self.dtype)
 
 
 class ModuleBackend(Backend):
@@ -174,9 +237,6 @@ class ModuleBackend(Backend):
     def dense_weight(self) -> Tensor:
         raise TypeError(f"{type(self.module).__name__} is not a linear map; it has no dense weight")
 
-    def matmul(self, x: Tensor) -> Tensor:
-        raise TypeError(f"{type(self.module).__name__} is not a linear map")
-
 
 class ContainerBackend(ModuleBackend):
     """A module whose parameters all live in its children: an attention module, the model body
@@ -188,6 +248,16 @@ class ContainerBackend(ModuleBackend):
 
     def _first(self) -> Tensor:
         return next(self.module.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its layers compute in: that of the first float or quantized layer inside
+        (its first parameter may be a quantized layer's integer codes)."""
+        for child in self.module.modules():
+            backend = backend_for(child) if child is not self.module else None
+            if backend is not None and (backend.quantized or backend.dtype.is_floating_point):
+                return backend.dtype
+        return self._first().dtype
 
     @property
     def weight(self) -> None:
@@ -219,6 +289,14 @@ def backend_for(module: nn.Module) -> Backend | None:
     """The backend for a module, or None for a module that holds no parameters of its own."""
     from transformers.pytorch_utils import Conv1D
 
+    # bitsandbytes' layers subclass nn.Linear; they can only exist if it was imported
+    if "bitsandbytes" in sys.modules:
+        import bitsandbytes as bnb
+
+        if isinstance(module, bnb.nn.Linear4bit):
+            return Linear4bitBackend(module)
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            return Linear8bitBackend(module)
     if isinstance(module, nn.Linear):
         return LinearBackend(module)
     if isinstance(module, Conv1D):

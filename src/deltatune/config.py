@@ -68,6 +68,8 @@ class DeltaConfig:
     #: capabilities, checked when the config is attached
     supports_merge: ClassVar[bool] = False
     supports_mixed_batch: ClassVar[bool] = False
+    #: why the method cannot train on a quantized (4-bit / 8-bit) layer; None when it can
+    quantized_base_blocker: ClassVar[str | None] = None
     #: what the method adapts, in words, for "matched only modules it cannot adapt" errors
     adapts: ClassVar[str] = "Linear / Conv1D / Embedding layers"
     #: the peak learning rate ``deltatune train`` uses when none is given; methods differ by

@@ -192,6 +192,8 @@ class DeltaLayer(nn.Module):
         self._wrapping: tuple[str, ...] = ()
         self._holds_wrapping = False
         self._params_before_merge: dict[str, Tensor] | None = None
+        #: the quantized module while merged deltas live in its dequantized copy
+        self._quantized_base: nn.Module | None = None
 
     def __getattr__(self, name: str):
         # code in model files reads e.g. `self.wo.weight.dtype` or `lm_head.out_features`;
@@ -305,13 +307,20 @@ class DeltaLayer(nn.Module):
         Half-precision weights and weight-dependent deltas (DoRA, IA3, copies) keep a copy of
         the parameters from before the first merge, so any number of merge/unmerge cycles
         restores them bit for bit; fp32 weights unmerge by subtraction unless ``keep_exact``.
+        A quantized base is replaced by its dequantized copy while merged, and comes back on
+        unmerge.
         """
         todo = [n for n in names if n in self.deltas and n not in self.merged]
         if not todo:
             return
+        if self.backend.quantized:
+            # a quantized weight cannot take ΔW: merge into a dequantized copy in the compute
+            # dtype (exact), keeping the quantized module to come back to on unmerge
+            self._quantized_base = self.base
+            self._set_base(self.backend.dequantized_module())
         depends = any(self.deltas[n].merge_depends_on_weight or self.deltas[n].overrides_parameters for n in todo)
         keep_exact = depends or (self.backend.dtype in _HALF if keep_exact is None else keep_exact)
-        if keep_exact and self._params_before_merge is None:
+        if keep_exact and self._quantized_base is None and self._params_before_merge is None:
             if self.merged:  # merged by subtraction so far: take them out to copy the original
                 already = self.merged
                 for name in reversed(already):
@@ -329,7 +338,12 @@ class DeltaLayer(nn.Module):
         if not todo:
             return
         remaining = tuple(n for n in self.merged if n not in todo)
-        if self._params_before_merge is not None:
+        if self._quantized_base is not None:
+            self._set_base(self._quantized_base)
+            self._quantized_base = None
+            self.merged = ()
+            self.merge(remaining)
+        elif self._params_before_merge is not None:
             params = self._own_parameters()
             with torch.no_grad():
                 for param_name, saved in self._params_before_merge.items():
@@ -349,6 +363,17 @@ class DeltaLayer(nn.Module):
     def forget_original(self) -> None:
         """Drop the copy kept for exact unmerging (the merge is final)."""
         self._params_before_merge = None
+        self._quantized_base = None
+
+    @property
+    def attached_base(self) -> nn.Module:
+        """The module the deltas were attached to (the quantized one while merged deltas live
+        in its dequantized copy)."""
+        return self._quantized_base if self._quantized_base is not None else self.base
+
+    def _set_base(self, module: nn.Module) -> None:
+        self.base = module
+        self.backend = layer_backend(module)
 
     def remove(self, name: str) -> None:
         self.unmerge([name])

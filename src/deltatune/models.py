@@ -90,6 +90,7 @@ def load_model_and_tokenizer(
     *,
     dtype: torch.dtype | str | None = None,
     task: str = "causal-lm",
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a model and its tokenizer.
 
@@ -99,6 +100,9 @@ def load_model_and_tokenizer(
         dtype: a ``torch.dtype``, its name (``"bfloat16"``) or ``"auto"`` (the checkpoint's
             own dtype). ``None`` means float32, the safe choice on CPU.
         task: one of :data:`TASK_MODEL_CLASSES` (``"causal-lm"`` by default).
+        quantize: ``"nf4"`` / ``"fp4"`` (4-bit, double quantization) or ``"int8"``: load
+            straight into bitsandbytes layers, shard by shard, computing in ``dtype``; the
+            head stays in full precision. Needs bitsandbytes.
 
     The model's train/eval mode is left as ``from_pretrained`` sets it; callers choose.
 
@@ -115,7 +119,9 @@ def load_model_and_tokenizer(
     source = str(bundled_model_dir()) if is_bundled else str(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = TASK_MODEL_CLASSES[task].from_pretrained(source, dtype=torch_dtype)
+        model = TASK_MODEL_CLASSES[task].from_pretrained(
+            source, dtype=torch_dtype, **(_quantized_loading(quantize, torch_dtype) if quantize else {})
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"could not load a {task} model from {source!r}: {exc}\n"
@@ -127,6 +133,24 @@ def load_model_and_tokenizer(
     _ensure_pad_token(model, tokenizer)
     _check_tied_embeddings(model, source)
     return model, tokenizer
+
+
+def _quantized_loading(scheme: str, dtype: torch.dtype | str) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a model straight into bitsandbytes layers."""
+    from transformers import BitsAndBytesConfig
+
+    from .quant import check_scheme, require_bitsandbytes
+
+    check_scheme(scheme)
+    require_bitsandbytes()
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    if scheme == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:

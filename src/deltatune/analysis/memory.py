@@ -75,3 +75,94 @@ def estimate_training_memory(
         ("optimizer (AdamW, fp32)", 8 * trainable_count),
         (f"activations (b={b}, s={s}{', checkpointed' if gradient_checkpointing else ''})", activations),
     ))
+
+
+#: formats the weight table compares: bytes per weight of a quantized linear layer, from the
+#: storage formulas of :mod:`deltatune.quant` (block constants included)
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "nf4", "nf4+dq")
+
+
+@dataclass(frozen=True)
+class WeightMemory:
+    """Memory of weights, deltas and optimizer state in several storage formats (bytes)."""
+
+    formats: tuple[str, ...]
+    rows: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def total(self, index: int) -> int:
+        return sum(values[index] for _, values in self.rows)
+
+    def __str__(self) -> str:
+        width = max(len(name) for name, _ in self.rows + (("total", ()),))
+        head = f"{''.ljust(width)}  " + "  ".join(f"{f:>10}" for f in self.formats)
+        lines = [head] + [
+            f"{name.ljust(width)}  " + "  ".join(f"{_human(v):>10}" for v in values) for name, values in self.rows
+        ]
+        lines.append(f"{'total'.ljust(width)}  " + "  ".join(f"{_human(self.total(i)):>10}" for i in range(len(self.formats))))
+        return "\n".join(lines)
+
+
+def _quantized_bytes(fmt: str, out_features: int, in_features: int, float_bytes: int) -> tuple[int, int]:
+    """(codes, constants) of one linear weight stored in ``fmt``: blocks of 64 with an fp32
+    absmax (nf4), or those absmax in 8 bits per blocks of 256 with fp32 constants (nf4+dq), or
+    int8 with one fp32 scale per row."""
+    n = out_features * in_features
+    if fmt in ("fp32", "bf16"):
+        return n * float_bytes, 0
+    if fmt == "int8":
+        return n, 4 * out_features
+    blocks = -(-n // 64)
+    if fmt == "nf4":
+        return -(-n // 2), 4 * blocks + 16 * 4
+    return -(-n // 2), blocks + 4 * -(-blocks // 256) + 16 * 4 + 256 * 4 + 4
+
+
+def weight_memory(model: nn.Module, *, optimizer: str = "adamw", skip: tuple[str, ...] = ("head",)) -> WeightMemory:
+    """What the model's weights take in fp32, bf16, int8, NF4 and NF4 with double quantization
+    (the linear layers quantized as :func:`deltatune.quantize` would; "other weights" are the
+    embeddings, norms and head, at 16 bits in the bf16 column and 32 bits elsewhere, as
+    :func:`deltatune.prepare_for_kbit_training` keeps them), with the deltas attached (fp32),
+    their gradients and the optimizer state. Works on the meta device: only shapes are read."""
+    from ..anatomy import analyze, iter_modules
+    from ..backends import backend_for
+    from ..layer import DeltaLayer
+    from ..targets import select
+
+    anatomy = analyze(model)
+    present = [p for p in skip if p != "head" or anatomy.head is not None]
+    skipped = set(select(model, present, accepts=lambda m, r: True, each_must_match=False,
+                         anatomy=anatomy).paths) if present else set()
+    owners: dict[int, int] = {}
+    for _, module in iter_modules(model):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    keep_float = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    linear: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    other = 0
+    for path, module in iter_modules(model):
+        module = module.base if isinstance(module, DeltaLayer) else module
+        backend = backend_for(module)
+        quantizable = (backend is not None and backend.kind in ("linear", "conv1d") and path not in skipped
+                       and owners.get(id(module.weight)) == 1 and not keep_float.intersection(path.split(".")))
+        if quantizable:
+            linear.append((backend.out_features, backend.in_features))
+            seen.add(id(module.weight))
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen and not p.requires_grad:
+                seen.add(id(p))
+                other += p.numel()
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    state_bytes = {"adamw": 8, "paged_adamw": 8}.get(optimizer, 2)
+    state = trainable * state_bytes + (0 if state_bytes == 8 else 2 * 4 * -(-trainable // 256))
+    formats = WEIGHT_FORMATS
+    per_format = [[_quantized_bytes(f, o, i, 2 if f == "bf16" else 4) for o, i in linear] for f in formats]
+    rest_bytes = [other * (2 if f == "bf16" else 4) for f in formats]
+    return WeightMemory(formats, (
+        ("linear weights", tuple(sum(c for c, _ in fmt) for fmt in per_format)),
+        ("quant. constants", tuple(sum(k for _, k in fmt) for fmt in per_format)),
+        ("other weights", tuple(rest_bytes)),
+        ("delta weights", (4 * trainable,) * len(formats)),
+        ("delta gradients", (4 * trainable,) * len(formats)),
+        (f"optim. ({optimizer})", (state,) * len(formats)),
+    ))

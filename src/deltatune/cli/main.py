@@ -109,6 +109,8 @@ def train(
     completion_only: Optional[bool] = typer.Option(None, "--completion-only/--train-on-prompt", help="loss on answer tokens only"),
     group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length", help="batch similar lengths"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    quantize: Optional[str] = typer.Option(None, help="train on a quantized base: nf4 (QLoRA, double quantization) | fp4 | int8"),
+    optim: Optional[str] = typer.Option(None, help="adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (paged needs CUDA, else runs unpaged and says so)"),
     eval_every: Optional[int] = typer.Option(None, help="held-out loss every N steps"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="continue from the newest checkpoint in --output-dir"),
@@ -130,7 +132,7 @@ def train(
         epochs=epochs, max_steps=max_steps, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, completion_only=completion_only, group_by_length=group_by_length,
-        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every,
+        gradient_checkpointing=gradient_checkpointing, quantize=quantize, optim=optim, eval_every=eval_every, save_every=save_every,
         resume=resume, seed=seed, bf16=bf16, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
     )
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
@@ -156,7 +158,8 @@ def _print_result(result) -> None:
     console.print(result.summary_line, highlight=False)
     console.print(
         f"{result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); "
-        f"total {result.total_seconds:.0f} s. Delta saved to {result.delta_dir}", highlight=False,
+        f"total {result.total_seconds:.0f} s; peak memory {result.peak_memory_bytes / 2**20:.0f} MiB "
+        f"(optimizer {result.optimizer}). Delta saved to {result.delta_dir}", highlight=False,
     )
 
 
@@ -265,6 +268,8 @@ def inspect(
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(256),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    quantize: Optional[str] = typer.Option(None, help="also show the weights' memory quantized: nf4 | fp4 | int8 (table of fp32, bf16, int8, NF4, NF4+DQ)"),
+    optim: str = typer.Option("adamw", help="optimizer whose state the memory table counts"),
     r: Optional[int] = ROpt, alpha: Optional[float] = AlphaOpt, dropout: Optional[float] = DropoutOpt,
     targets: Optional[str] = TargetsOpt, exclude: Optional[str] = ExcludeOpt, layers: Optional[str] = LayersOpt,
     rslora: Optional[bool] = RsloraOpt, dora: Optional[bool] = DoraOpt, init: Optional[str] = InitOpt,
@@ -274,7 +279,7 @@ def inspect(
 
     ``--method all`` lists every method's trainable parameters on this model side by side."""
     from .. import config as make_config
-    from ..analysis.memory import estimate_training_memory
+    from ..analysis.memory import estimate_training_memory, weight_memory
     from ..anatomy import analyze
     from ..api import attach
     from ..report import compare, plan, summary
@@ -291,6 +296,15 @@ def inspect(
     console.print("\ntraining memory estimate (first order):", highlight=False)
     console.print(str(estimate_training_memory(base, batch_size=batch_size, seq_len=seq_len,
                                                gradient_checkpointing=gradient_checkpointing)), highlight=False)
+    if quantize is not None:
+        from ..quant import check_scheme
+        from ..train.optim import check_optimizer
+
+        check_scheme(quantize)
+        check_optimizer(optim)
+        console.print(f"\nweights, deltas and optimizer state by storage format (--quantize {quantize}; "
+                      "fp4 stores like nf4):", highlight=False)
+        console.print(str(weight_memory(base, optimizer=optim)), highlight=False)
 
 
 def meta_model(config_path: Path):

@@ -49,6 +49,10 @@ class FARConfig(DeltaConfig):
     supports_merge: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
     adapts: ClassVar[str] = "Linear / Conv1D layers"
+    quantized_base_blocker: ClassVar[str | None] = (
+        "FAR trains rows of the base weight itself and picks them from its gradient; a quantized weight has "
+        "neither a gradient nor trainable values (quantize with skip=['ffn'] to keep those layers in full precision)"
+    )
     default_lr: ClassVar[float] = 1e-4  # these are the model's own weights, as in full fine-tuning
 
     fraction: float = 0.1

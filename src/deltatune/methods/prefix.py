@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..anatomy import linear_shape, unwrap
-from ..backends import backend_for
+from ..backends import backend_for, layer_backend
 from ..attention import AttentionDelta, attention_modules, attention_support, projection_children, uses_attention_interface
 from ..config import DeltaConfig, check_choice, check_positive_int, register
 from ..errors import ConfigError, TargetError
@@ -257,9 +257,9 @@ class PrefixTuningConfig(_AttentionMethodConfig):
     def build(self, path: str, module: nn.Module, options: dict[str, Any], initialize: bool = True) -> PrefixDelta:
         self._refuse_unsupported(path, module)
         key_rows, value_rows = _kv_projections(path, module, options["anatomy"])
-        first = next(module.parameters())
-        device = options.get("device") or first.device
-        dtype = _param_dtype(self.param_dtype, first.dtype)
+        backend = layer_backend(module)
+        device = options.get("device") or backend.device
+        dtype = _param_dtype(self.param_dtype, backend.dtype)
         delta = self.delta_class(self, key_rows.shape[0], value_rows.shape[0], dtype, device)
         if initialize:
             delta.needs_calibration = self.calibration_batches > 0
@@ -351,9 +351,9 @@ class LlamaAdapterConfig(_AttentionMethodConfig):
         heads = getattr(config, "num_attention_heads", None)
         if not isinstance(heads, int):
             raise TargetError(f"cannot tell the number of attention heads of {path}")
-        first = next(module.parameters())
-        device = options.get("device") or first.device
-        delta = LlamaAdapterDelta(self, hidden, heads, k_name, v_name, _param_dtype(self.param_dtype, first.dtype), device)
+        backend = layer_backend(module)
+        device = options.get("device") or backend.device
+        delta = LlamaAdapterDelta(self, hidden, heads, k_name, v_name, _param_dtype(self.param_dtype, backend.dtype), device)
         if initialize:
             with torch.no_grad():  # unit scale, like the normalised hidden states the projections read
                 nn.init.normal_(delta.adaption_prompt)

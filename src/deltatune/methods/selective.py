@@ -183,6 +183,10 @@ class TopLayersConfig(DeltaConfig):
     supports_mixed_batch: ClassVar[bool] = True
     adapts: ClassVar[str] = "modules with parameters of their own"
     default_lr: ClassVar[float] = 1e-4
+    quantized_base_blocker: ClassVar[str | None] = (
+        "top-layer tuning trains copies of the blocks' own weights, and a quantized weight cannot be trained "
+        "(quantize with skip=['re:...'] over those blocks to keep them in full precision)"
+    )
 
     k: int = 2
 

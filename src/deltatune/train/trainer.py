@@ -15,9 +15,12 @@ import dataclasses
 import inspect
 import json
 import math
+import resource
 import shutil
 import signal
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -31,6 +34,7 @@ from ..config import config as make_config, config_class, did_you_mean, read_map
 from ..errors import ConfigError, DataError
 from ..io import save as save_delta
 from ..layer import delta_layers
+from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
 from ..report import summary
 from .data import (
     IGNORE_INDEX,
@@ -43,6 +47,7 @@ from .data import (
     tokenize_examples,
 )
 from .evaluate import evaluate_loss, exact_match, generate_completions
+from .optim import OptimizerFallbackWarning, check_optimizer, make_optimizer
 
 SCHEDULES = ("cosine", "linear", "constant")
 CHECKPOINTS = "checkpoints"
@@ -74,6 +79,8 @@ class TrainSettings:
     completion_only: bool = True
     group_by_length: bool = True
     gradient_checkpointing: bool = False
+    quantize: str | None = None  # nf4 | fp4 | int8: train on a quantized base (QLoRA with nf4)
+    optim: str = "adamw"
     eval_every: int | None = None
     save_every: int | None = None
     keep_checkpoints: int = 2
@@ -100,6 +107,9 @@ class TrainSettings:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if self.quantize is not None:
+            check_scheme(self.quantize)
+        check_optimizer(self.optim)
         # fail now, not after the model has loaded, on a bad method or option
         self.delta_config()
 
@@ -156,6 +166,8 @@ class TrainResult:
     delta_dir: Path
     summary_line: str
     interrupted: bool = False
+    optimizer: str = "adamw"  # the one used (a paged optimizer without CUDA runs unpaged)
+    peak_memory_bytes: int = 0  # CUDA: peak allocated; CPU: the process's peak resident set
 
 
 def _split_data(settings: TrainSettings) -> tuple[list[Example], list[Example]]:
@@ -249,19 +261,24 @@ class Trainer:
         started = time.perf_counter()
         accelerator = Accelerator(mixed_precision="bf16" if s.bf16 else "no")
         main = accelerator.is_main_process
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
         log = self.log if main else (lambda _msg: None)
         set_seed(s.seed)
 
         train_examples, eval_examples = _split_data(s)
         log(f"loading model {s.model or 'smollm2-135m-instruct (bundled)'}")
-        model, tokenizer = load_model_and_tokenizer(s.model)
+        model, tokenizer = load_model_and_tokenizer(s.model, quantize=s.quantize)
+        if s.quantize:
+            prepare_for_kbit_training(model, gradient_checkpointing=s.gradient_checkpointing)
+            log(f"quantized base: {quantized_storage(model)}")
         train_features = tokenize_examples(tokenizer, train_examples, s.max_length, s.completion_only)
         eval_features = tokenize_examples(tokenizer, eval_examples, s.max_length, s.completion_only)
         log(f"data: {len(train_features)} training examples, {len(eval_features)} held out")
 
         delta_config = s.delta_config()
         attach(model, delta_config, s.name)
-        if s.gradient_checkpointing:
+        if s.gradient_checkpointing and not s.quantize:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         collate = PadCollator(tokenizer.pad_token_id)
         subset = _keeps_logits_subset(model)
@@ -270,7 +287,12 @@ class Trainer:
         log(str(summary(model)))
 
         params = trainable_parameters(model, s.name)
-        optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OptimizerFallbackWarning)
+            optimizer, optimizer_used = make_optimizer(s.optim, params, lr=s.learning_rate,
+                                                       weight_decay=s.weight_decay)
+        for warning in caught:
+            log(f"optimizer: {warning.message}")
         micro_per_epoch = math.ceil(len(train_features) / s.batch_size / accelerator.num_processes)
         steps_per_epoch = max(1, micro_per_epoch // s.grad_accum)
         total_steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
@@ -354,6 +376,7 @@ class Trainer:
             total_seconds=time.perf_counter() - started,
             tokens_per_second=tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9),
             delta_dir=delta_dir, summary_line=summary(plain_model).headline(), interrupted=interrupted,
+            optimizer=optimizer_used, peak_memory_bytes=peak_memory_bytes(accelerator.device),
         )
         if main:
             self._write_summary(result)
@@ -421,10 +444,21 @@ class Trainer:
             "train_seconds": round(result.train_seconds, 2),
             "total_seconds": round(result.total_seconds, 2),
             "tokens_per_second": round(result.tokens_per_second, 1),
+            "optimizer": result.optimizer,
+            "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "parameters": result.summary_line,
             "delta": str(result.delta_dir),
         }
         (self.output_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this run: CUDA's peak allocation, or on CPU the process's peak resident
+    set size (which includes Python, torch and the data, so compare runs made the same way)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def held_out_loss(model, tokenizer, features) -> float:
