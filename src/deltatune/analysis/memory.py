@@ -123,31 +123,15 @@ def weight_memory(model: nn.Module, *, optimizer: str = "adamw", skip: tuple[str
     embeddings, norms and head, at 16 bits in the bf16 column and 32 bits elsewhere, as
     :func:`deltatune.prepare_for_kbit_training` keeps them), with the deltas attached (fp32),
     their gradients and the optimizer state. Works on the meta device: only shapes are read."""
-    from ..anatomy import analyze, iter_modules
+    from ..anatomy import iter_modules
     from ..backends import backend_for
-    from ..layer import DeltaLayer
-    from ..targets import select
+    from ..quant import quantizable_layers
 
-    anatomy = analyze(model)
-    present = [p for p in skip if p != "head" or anatomy.head is not None]
-    skipped = set(select(model, present, accepts=lambda m, r: True, each_must_match=False,
-                         anatomy=anatomy).paths) if present else set()
-    owners: dict[int, int] = {}
-    for _, module in iter_modules(model):
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    keep_float = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    linear: list[tuple[int, int]] = []
-    seen: set[int] = set()
+    quantizable = quantizable_layers(model, skip)
+    linear = [(backend_for(m).out_features, backend_for(m).in_features) for _, m in quantizable]
+    seen = {id(m.weight) for _, m in quantizable}
     other = 0
-    for path, module in iter_modules(model):
-        module = module.base if isinstance(module, DeltaLayer) else module
-        backend = backend_for(module)
-        quantizable = (backend is not None and backend.kind in ("linear", "conv1d") and path not in skipped
-                       and owners.get(id(module.weight)) == 1 and not keep_float.intersection(path.split(".")))
-        if quantizable:
-            linear.append((backend.out_features, backend.in_features))
-            seen.add(id(module.weight))
+    for _, module in iter_modules(model):
         for p in module.parameters(recurse=False):
             if id(p) not in seen and not p.requires_grad:
                 seen.add(id(p))

@@ -84,25 +84,7 @@ def quantize(
     if delta_layers(model):
         raise ConfigError("quantize the model before attaching deltas: this model already has deltas attached")
     require_bitsandbytes()
-    anatomy = analyze(model)
-    skipped = set()
-    present = [p for p in skip if p != "head" or anatomy.head is not None]
-    if present:
-        skipped = set(select(model, present, accepts=lambda m, r: True, each_must_match=False,
-                             what="quantize(skip=...)", anatomy=anatomy).paths)
-    owners: dict[int, int] = {}
-    for _, module in iter_modules(model):
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    # transformers' own list of modules whose code assumes a float weight (T5's `wo`)
-    keep_float = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
-        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    chosen = [
-        (path, module)
-        for path, module in iter_modules(model)
-        if path not in skipped and _dense_linear(module) and owners[id(module.weight)] == 1
-        and not keep_float.intersection(path.split("."))
-    ]
+    chosen = quantizable_layers(model, skip)
     if not chosen:
         raise ConfigError("quantize found no linear layer to quantize (all were skipped, tied or already quantized)")
     for path, module in chosen:
@@ -117,9 +99,27 @@ def quantize(
     return model
 
 
-def _dense_linear(module: nn.Module) -> bool:
-    backend = backend_for(module)
-    return backend is not None and backend.kind in ("linear", "conv1d")
+def quantizable_layers(model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs :func:`quantize` replaces: dense linear layers not matched by ``skip``, not sharing their weight with another module, and
+    not among the modules a transformers model keeps in fp32."""
+    anatomy = analyze(model)
+    present = [p for p in skip if p != "head" or anatomy.head is not None]
+    skipped = set(select(model, present, accepts=lambda m, r: True, each_must_match=False,
+                         what="quantize(skip=...)", anatomy=anatomy).paths) if present else set()
+    owners: dict[int, int] = {}
+    for _, module in iter_modules(model):
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    # transformers' own list of modules whose code assumes a float weight (T5's `wo`)
+    keep_float = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    chosen = []
+    for path, module in iter_modules(model):
+        backend = backend_for(module)
+        if (backend is not None and backend.kind in ("linear", "conv1d") and path not in skipped
+                and owners[id(module.weight)] == 1 and not keep_float.intersection(path.split("."))):
+            chosen.append((path, module))
+    return chosen
 
 
 def quantized_linear(
@@ -212,7 +212,6 @@ def quantized_storage(model: nn.Module) -> QuantizedStorage:
     layers = parameters = codes = constants = 0
     schemes = set()
     for _, module in iter_modules(model):
-        module = module.base if hasattr(module, "is_delta_layer") else module
         if not is_quantized(module):
             continue
         layers += 1
