@@ -31,9 +31,9 @@ quantizes) and training RSS growth, the peak over the warm-up and timed steps (t
 peak-RSS mark reset after loading) less the RSS after loading (freed heap handed back to the
 system first): gradients, optimizer state and activations. Weights that transformers leaves as
 views of the memory-mapped checkpoint are copied into memory of their own after loading (see
-``materialize``; ``--keep-mmap`` skips it), else the 4-bit models would keep the whole fp32
-file resident and the fp32 model would page its weights in during the first steps. On CUDA the same two figures from
-``torch.cuda.max_memory_allocated``. Ratios are against the reference measured in the same run.
+``deltatune.models.release_checkpoint_mapping``; ``--keep-mmap`` skips it), else the 4-bit
+models would keep the whole fp32 file resident and the fp32 model would page its weights in
+during the first steps. On CUDA the same two figures from ``torch.cuda.max_memory_allocated``. Ratios are against the reference measured in the same run.
 
 Example (about 3 minutes on 2 idle CPU cores)::
 
@@ -66,6 +66,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from deltatune.models import release_checkpoint_mapping  # noqa: E402
+
 CONFIGS = ("peft-qlora", "dt-qlora", "dt-lora", "dt-qlora-own")
 DEFAULT_CONFIGS = ("peft-qlora", "dt-qlora", "dt-lora")
 #: (numerator, denominator) pairs printed as ratios, when both were run
@@ -85,32 +87,6 @@ MARK = "@@qlora "  # prefixes the workers' protocol lines; anything else on stdo
 
 def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
-def materialize(model: nn.Module) -> nn.Module:
-    """Copy every weight still backed by the checkpoint file into memory of its own.
-
-    transformers maps the safetensors file and hands out views of it; a model that keeps any
-    of them (the 4-bit model keeps the fp32 embedding) keeps the whole mapping, and every page
-    of it that loading read (all of it, when quantizing) counts in the RSS, while views not
-    read yet join the RSS during the first training step. Copying them makes RSS after loading
-    what the model holds. Tied weights are one Parameter, copied once, and stay tied.
-    """
-    bnb_params = _bnb_param_types()
-    with torch.no_grad():
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.device.type == "cpu" and not isinstance(tensor, bnb_params):
-                tensor.data = tensor.data.clone()
-    gc.collect()
-    return model
-
-
-def _bnb_param_types() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return ()
-    return (bnb.nn.Params4bit, bnb.nn.Int8Params)
 
 
 def load_4bit(device: str) -> nn.Module:
@@ -135,7 +111,7 @@ def load(name: str, device: str, keep_mmap: bool) -> nn.Module:
         model = load_4bit(device)
     else:
         model = load_fp32(device)
-    model = model if keep_mmap else materialize(model)
+    model = model if keep_mmap else release_checkpoint_mapping(model)
     if name == "dt-qlora-own":
         import deltatune as dt
 
@@ -485,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--keep-mmap", action="store_true",
-                        help="leave weights as views of the mapped checkpoint file (see materialize())")
+                        help="leave weights as views of the mapped checkpoint file (see release_checkpoint_mapping)")
     parser.add_argument("--one", choices=CONFIGS, help="run one configuration alone and print a JSON line")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # with --one: driven by the parent
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")

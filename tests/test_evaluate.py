@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from deltatune.errors import DataError
 from deltatune.train.data import IGNORE_INDEX
 from deltatune.train.evaluate import evaluate_loss, exact_match
+from deltatune.train.trainer import peak_memory_bytes, reset_peak_memory
 
 
 class UniformLM(nn.Module):
@@ -58,3 +60,17 @@ def test_evaluate_loss_weights_every_label_token_equally():
 def test_evaluate_loss_without_label_tokens_is_an_error():
     with pytest.raises(DataError, match="no label tokens"):
         evaluate_loss(UniformLM(), [batch([[IGNORE_INDEX, IGNORE_INDEX]])])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_peak_memory_reset_forgets_a_freed_allocation():
+    device = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB, resident because it is written
+    del big
+    before_reset = peak_memory_bytes(device)
+    reset_peak_memory(device)
+    after_reset = peak_memory_bytes(device)
+    assert before_reset - after_reset > 200 * 2**20
+    kept = torch.ones(32 * 2**20)
+    assert peak_memory_bytes(device) - after_reset > 100 * 2**20
+    del kept

@@ -14,6 +14,7 @@ embedding must see the same weight the output head uses.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -128,11 +130,39 @@ def load_model_and_tokenizer(
             "Pass a local directory holding config.json and the weights, a Hugging Face model "
             f"id, or nothing for the bundled {DEFAULT_MODEL!r}."
         ) from exc
+    if quantize:
+        release_checkpoint_mapping(model)
     if is_bundled and not tokenizer.chat_template:
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
     _ensure_pad_token(model, tokenizer)
     _check_tied_embeddings(model, source)
     return model, tokenizer
+
+
+def release_checkpoint_mapping(model: nn.Module) -> nn.Module:
+    """Copy every CPU weight still backed by the checkpoint file into memory of its own.
+
+    transformers maps the safetensors file and hands out views of it; a model that keeps any
+    of them (a 4-bit model keeps the fp32 embedding and norms) keeps the whole mapping, and
+    every page of it that loading read (all of it, when quantizing) stays in the process's
+    resident set. After the copy the mapping is released and the resident set is what the
+    model holds. Tied weights are one Parameter, copied once, and stay tied.
+    """
+    quantized = _bnb_param_types()
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and not isinstance(tensor, quantized):
+                tensor.data = tensor.data.clone()
+    gc.collect()
+    return model
+
+
+def _bnb_param_types() -> tuple[type, ...]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return ()
+    return (bnb.nn.Params4bit, bnb.nn.Int8Params)
 
 
 def _quantized_loading(scheme: str, dtype: torch.dtype | str) -> dict[str, Any]:

@@ -11,7 +11,9 @@ with the same data order.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -167,7 +169,8 @@ class TrainResult:
     summary_line: str
     interrupted: bool = False
     optimizer: str = "adamw"  # the one used (a paged optimizer without CUDA runs unpaged)
-    peak_memory_bytes: int = 0  # CUDA: peak allocated; CPU: the process's peak resident set
+    peak_memory_bytes: int = 0  # whole run, loading included (see peak_memory_bytes())
+    training_peak_memory_bytes: int = 0  # from the first training step on: weights, activations, optimizer
 
 
 def _split_data(settings: TrainSettings) -> tuple[list[Example], list[Example]]:
@@ -322,6 +325,8 @@ class Trainer:
             bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
         interrupted = False
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        run_peak_memory = peak_memory_bytes(accelerator.device)
+        reset_peak_memory(accelerator.device)
         train_started = time.perf_counter()
         tokens_seen = 0
         smoothed = None
@@ -363,6 +368,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         train_seconds = time.perf_counter() - train_started
+        training_peak_memory = peak_memory_bytes(accelerator.device)
 
         accelerator.wait_for_everyone()
         after = evaluate(plain_model, tokenizer, eval_examples, eval_features, s) if main else None
@@ -376,7 +382,8 @@ class Trainer:
             total_seconds=time.perf_counter() - started,
             tokens_per_second=tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9),
             delta_dir=delta_dir, summary_line=summary(plain_model).headline(), interrupted=interrupted,
-            optimizer=optimizer_used, peak_memory_bytes=peak_memory_bytes(accelerator.device),
+            optimizer=optimizer_used, training_peak_memory_bytes=training_peak_memory,
+            peak_memory_bytes=max(run_peak_memory, peak_memory_bytes(accelerator.device)),
         )
         if main:
             self._write_summary(result)
@@ -446,6 +453,7 @@ class Trainer:
             "tokens_per_second": round(result.tokens_per_second, 1),
             "optimizer": result.optimizer,
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
+            "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
             "parameters": result.summary_line,
             "delta": str(result.delta_dir),
         }
@@ -453,12 +461,41 @@ class Trainer:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this run: CUDA's peak allocation, or on CPU the process's peak resident
-    set size (which includes Python, torch and the data, so compare runs made the same way)."""
+    """Peak memory since the last `reset_peak_memory`: CUDA's peak allocation, or on CPU the
+    process's peak resident set size (which includes Python, torch and the data, so compare
+    runs made the same way)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak afresh, so that loading (which on CPU maps and converts the whole
+    checkpoint) does not hide the peak of training itself. On CPU this needs Linux's
+    /proc/self/clear_refs; elsewhere the peak stays the whole process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        gc.collect()
+        _trim_heap()  # glibc keeps freed loading buffers resident; they are not training's
+        clear_refs.write_text("5")  # 5: reset the peak resident set size to the current one
+
+
+def _trim_heap() -> None:
+    """Hand the heap memory freed so far back to the system (glibc only; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 def held_out_loss(model, tokenizer, features) -> float:
