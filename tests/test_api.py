@@ -282,3 +282,43 @@ def test_compare_lists_every_method_side_by_side():
     assert "lora" in text and "houlsby" in text and "% of base" in text
     assert table.markdown().startswith("| method |")
     assert not list(delta_layers(model))  # a dry run
+
+
+# modules_to_save ------------------------------------------------------------------------------
+
+
+def test_modules_to_save_trains_a_full_copy_of_a_whole_head(tmp_path):
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert", model)
+    reference = model(**inputs).logits
+    # BertForMaskedLM's cls.predictions.transform holds a dense layer and a LayerNorm
+    dt.attach(model, dt.LoRAConfig(r=2, modules_to_save=["predictions.transform"]))
+    copied = {p for p, layer in delta_layers(model).items() if type(layer.deltas["default"]).__name__ == "ParameterCopy"}
+    assert copied == {"cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "cls.predictions.transform.dense.deltas.default.copies.weight" in trainable
+    assert "cls.predictions.transform.LayerNorm.deltas.default.copies.bias" in trainable
+    torch.testing.assert_close(model(**inputs).logits, reference)  # a copy starts equal to the module
+    with torch.no_grad():
+        model.get_submodule("cls.predictions.transform.dense").deltas["default"].copies["weight"].mul_(1.5)
+    changed = model(**inputs).logits
+    assert not torch.allclose(changed, reference)
+    dt.save(model, tmp_path / "delta")
+    fresh = tiny_model("bert")
+    dt.load(fresh, tmp_path / "delta")
+    torch.testing.assert_close(fresh(**inputs).logits, changed)
+    dt.detach(model)
+    torch.testing.assert_close(model(**inputs).logits, reference)
+
+
+def test_modules_to_save_that_matches_nothing_names_close_modules():
+    with pytest.raises(dt.TargetError, match="lm_hed.*matched no module.*lm_head"):
+        dt.attach(tiny_model("llama"), dt.LoRAConfig(modules_to_save=["lm_hed"]))
+
+
+def test_modules_to_save_on_a_quantized_layer_is_refused():
+    pytest.importorskip("bitsandbytes")
+    model = tiny_model("llama")
+    dt.quantize(model, "nf4", skip=())
+    with pytest.raises(dt.ConfigError, match="modules_to_save: model.layers.0.mlp.down_proj is"):
+        dt.attach(model, dt.LoRAConfig(targets=["q_proj"], modules_to_save=["layers.0.mlp.down_proj"]))

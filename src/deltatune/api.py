@@ -19,7 +19,8 @@ from .backends import backend_for
 from .config import DeltaConfig
 from .errors import ConfigError, TargetError
 from .layer import DeltaLayer, Routing, delta_layers
-from .targets import lookup, select
+from .methods.selective import ParameterCopy
+from .targets import lookup, pattern_matches, select
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: set on the model at the first attach: parameter name -> requires_grad before deltatune froze it
@@ -76,9 +77,38 @@ def _base_of(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, DeltaLayer) else module
 
 
+def _trains_copy(config: DeltaConfig, path: str, modules: dict[str, nn.Module], anatomy) -> bool:
+    """Whether ``path`` is (inside) one of the config's ``modules_to_save``, trained as a full copy."""
+    if not config.modules_to_save:
+        return False
+    parts = path.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return any(
+        pattern_matches(p, a, modules[a], anatomy) for a in ancestors if a in modules for p in config.modules_to_save
+    )
+
+
+def _has_own_parameters(module: nn.Module) -> bool:
+    return next(_base_of(module).parameters(recurse=False), None) is not None
+
+
+def _saved_paths(model: nn.Module, config: DeltaConfig, anatomy) -> list[str]:
+    """The modules ``modules_to_save`` trains: each match and every module inside it that has
+    parameters of its own (a classification head made of several layers is copied whole)."""
+    chosen = select(
+        model, config.modules_to_save, accepts=lambda m, r: any(True for _ in _base_of(m).parameters()),
+        what="modules_to_save", adapts="modules with parameters", anatomy=anatomy,
+    ).paths
+    return [
+        path for path, module in iter_modules(model)
+        if any(path == c or path.startswith(c + ".") for c in chosen) and _has_own_parameters(module)
+    ]
+
+
 def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] | None):
     anatomy = analyze(model)
     if paths is None:
+        saved = _saved_paths(model, config, anatomy) if config.modules_to_save else []
         selection = select(
             model,
             config.target_spec,
@@ -90,22 +120,34 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
             adapts=config.adapts,
             anatomy=anatomy,
         )
-        return list(config.expand(list(selection.paths), anatomy)), anatomy
+        # a module trained as a full copy needs no other delta of the same config
+        adapted = [p for p in config.expand(list(selection.paths), anatomy) if p not in saved]
+        return adapted + saved, anatomy
     modules = dict(iter_modules(model))
     for path in paths:
         if path not in modules:
             raise TargetError(f"module {path!r} does not exist in this model")
-        if not config.accepts(modules[path], anatomy.role_of.get(path)):
+        if _trains_copy(config, path, modules, anatomy):
+            if not _has_own_parameters(modules[path]):
+                raise TargetError(f"modules_to_save: {path} ({type(modules[path]).__name__}) has no parameters of its own")
+        elif not config.accepts(modules[path], anatomy.role_of.get(path)):
             raise TargetError(f"method {config.method!r} cannot adapt {path} ({type(modules[path]).__name__})")
     return list(paths), anatomy
 
 
-def _check_quantized_base(model: nn.Module, config: DeltaConfig, paths: Sequence[str]) -> None:
-    if config.quantized_base_blocker is None:
-        return
+def _check_quantized_base(model: nn.Module, config: DeltaConfig, paths: Sequence[str], anatomy) -> None:
+    modules = dict(iter_modules(model))
     for path in paths:
-        backend = backend_for(_base_of(model.get_submodule(path)))
-        if backend is not None and backend.quantized:
+        module = _base_of(model.get_submodule(path))
+        backend = backend_for(module)
+        if backend is None or not backend.quantized:
+            continue
+        if _trains_copy(config, path, modules, anatomy):
+            raise ConfigError(
+                f"modules_to_save: {path} is {backend.kind}, and a quantized weight cannot be trained as a "
+                "full copy (quantize with skip=[...] to keep it in full precision)"
+            )
+        if config.quantized_base_blocker is not None:
             raise ConfigError(
                 f"method {config.method!r} is not supported on a quantized base ({path} is {backend.kind}): "
                 f"{config.quantized_base_blocker}"
@@ -117,7 +159,7 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
     module's role and, for dry runs, the device. ``config.link`` then wires deltas that work
     together (a parallel adapter's input tap, factors shared across layers)."""
     modules = dict(iter_modules(model))
-    built = {}
+    built, copies = {}, {}
     for path in paths:
         base = modules[path]
         options = {
@@ -128,9 +170,12 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
         options["anatomy"] = anatomy
         if device is not None:
             options["device"] = device
-        built[path] = config.build(path, base, options, initialize=initialize)
+        if _trains_copy(config, path, modules, anatomy):
+            copies[path] = ParameterCopy(config, _base_of(base), initialize, device)
+        else:
+            built[path] = config.build(path, base, options, initialize=initialize)
     config.link(built, anatomy)
-    return built
+    return built | copies
 
 
 def attach(
@@ -152,10 +197,10 @@ def attach(
         raise ConfigError(f"attach needs a delta config (e.g. deltatune.LoRAConfig()), got {type(config).__name__}")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"delta name must be letters, digits, '_' or '-', got {name!r}")
-    if name in deltas(model):
+    if any(name in layer.deltas for layer in delta_layers(model).values()):  # not deltas(): no counting
         raise ConfigError(f"a delta named {name!r} is already attached; detach it first or choose another name")
     chosen, anatomy = _resolve_paths(model, config, paths)
-    _check_quantized_base(model, config, chosen)
+    _check_quantized_base(model, config, chosen, anatomy)
     built = _build_all(model, config, chosen, anatomy, initialize)
 
     if not delta_layers(model):
@@ -168,6 +213,9 @@ def attach(
         if layer is not current:
             _replace_module(model, current, layer)
         layer.deltas[name] = delta
+        # new modules start in training mode; on a model in eval mode that would switch on dropout
+        layer.training = layer.deltas.training = layer.base.training
+        delta.train(layer.base.training)
         layer.set_active(layer.active + (name,) if activate else layer.active)
     return model
 

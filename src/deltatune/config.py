@@ -60,6 +60,8 @@ class DeltaConfig:
     ``targets`` and ``exclude`` use the one pattern language of :mod:`deltatune.targets`;
     ``layers`` limits them to some transformer blocks (``[20, 21]``, ``"top:8"``,
     ``"bottom:4"`` or a ``"start:stop"`` slice). ``targets=None`` means the method's default.
+    ``modules_to_save`` (same patterns, as PEFT's field of that name) trains a full copy of
+    each module it matches, e.g. a new task head, in the same delta as the method's modules.
     """
 
     method: ClassVar[str] = ""
@@ -79,14 +81,17 @@ class DeltaConfig:
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     layers: tuple[int, ...] | str | None = None
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("targets", "exclude"):
+        for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(p.strip() for p in value.split(",") if p.strip())
             elif value is not None:
                 value = tuple(value)
+            elif name == "modules_to_save":
+                value = ()
             object.__setattr__(self, name, value)
         if isinstance(self.layers, (list, tuple)):
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -101,7 +106,7 @@ class DeltaConfig:
                 raise ConfigError("targets is empty; give at least one pattern, or None for the default")
             for pattern in self.targets:
                 validate_pattern(pattern)
-        for pattern in self.exclude:
+        for pattern in self.exclude + self.modules_to_save:
             validate_pattern(pattern)
         validate_layers(self.layers)
 
