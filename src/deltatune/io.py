@@ -4,6 +4,9 @@ A saved delta is a directory with ``delta_config.json`` (method, config, numeric
 library version, base fingerprint) and ``delta.safetensors``, whose keys are the adapted
 module's path plus the delta's parameter name (``model.layers.0.self_attn.q_proj.A``). Several
 deltas saved together go in one sub-directory each.
+
+``format="peft"`` writes, and :func:`load` recognises, Hugging Face PEFT's adapter directories
+instead (:mod:`deltatune.peft_format`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import peft_format
 from .anatomy import analyze, iter_modules
 from .api import _build_all, _names, attach, base_model_name, delete, deltas
 from .backends import layer_backend
-from .config import DeltaConfig
+from .config import DeltaConfig, check_choice
 from .errors import CheckpointError
 from .layer import delta_layers
 
@@ -45,13 +49,27 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def save(model: nn.Module, path: str | Path, names: str | Iterable[str] | None = None) -> list[Path]:
-    """Save deltas (all by default). One delta goes in ``path``; several, in ``path/<name>``."""
+FORMATS = ("deltatune", "peft")
+
+
+def save(
+    model: nn.Module, path: str | Path, names: str | Iterable[str] | None = None, *, format: str = "deltatune"
+) -> list[Path]:
+    """Save deltas (all by default). One delta goes in ``path``; several, in ``path/<name>``.
+
+    ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, which
+    ``PeftModel.from_pretrained`` and serving engines load (methods PEFT has: LoRA and its
+    variants, (IA)³, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter)."""
+    check_choice("format", format, FORMATS)
     infos = deltas(model)
     chosen = _names(model, names, infos)
     if not chosen:
         raise CheckpointError("this model has no delta to save; attach one first")
     root = Path(path)
+    if format == "peft":
+        for name in chosen:
+            peft_format.exporter_for(infos[name].config.method)  # refuse before writing anything
+        return [peft_format.save(model, root if len(chosen) == 1 else root / name, name) for name in chosen]
     written = []
     layers = delta_layers(model)
     for name in chosen:
@@ -134,7 +152,22 @@ def load(
     With ``strict`` (the default) a checkpoint made for another base is refused: a module it
     adapts that is missing here, or of another shape, or another architecture. ``strict=False``
     loads what fits and warns about the rest.
+
+    A PEFT adapter directory (``adapter_config.json``) is recognised and attached as the
+    equivalent deltatune delta, named ``name``, or "default" (its sub-directories, PEFT's other
+    adapters, by their directory names). PEFT checkpoints are always loaded strictly.
     """
+    root = Path(path)
+    if root.is_dir() and not (root / CONFIG_FILE).is_file():
+        adapters = peft_format.peft_directories(root)
+        if adapters:
+            if name is not None and len(adapters) > 1:
+                raise CheckpointError(f"{str(path)!r} holds {len(adapters)} PEFT adapters; load them without a name")
+            single = adapters == [root]
+            return [
+                peft_format.load(model, d, name or ("default" if single else d.name), activate=activate)
+                for d in adapters
+            ]
     directories = delta_directories(path)
     if name is not None and len(directories) > 1:
         raise CheckpointError(f"{str(path)!r} holds {len(directories)} deltas; load them without a name")

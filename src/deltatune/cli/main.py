@@ -158,8 +158,9 @@ def _print_result(result) -> None:
     console.print(result.summary_line, highlight=False)
     console.print(
         f"{result.steps} steps in {result.train_seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); "
-        f"total {result.total_seconds:.0f} s; peak memory {result.peak_memory_bytes / 2**20:.0f} MiB "
-        f"(optimizer {result.optimizer}). Delta saved to {result.delta_dir}", highlight=False,
+        f"total {result.total_seconds:.0f} s; peak memory {result.training_peak_memory_bytes / 2**20:.0f} MiB "
+        f"in training, {result.peak_memory_bytes / 2**20:.0f} MiB with loading (optimizer {result.optimizer}). "
+        f"Delta saved to {result.delta_dir}", highlight=False,
     )
 
 
@@ -257,6 +258,23 @@ def merge(
     base.save_pretrained(output)
     tokenizer.save_pretrained(output)
     console.print(f"merged model written to {output} (loads with transformers alone)")
+
+
+@app.command()
+@friendly_errors
+def export(
+    delta: Path = typer.Option(..., help="a saved delta directory (deltatune's format or PEFT's)"),
+    output: Path = typer.Option(..., "--output", "-o", help="directory to write"),
+    format: str = typer.Option("peft", help="peft (adapter_config.json + adapter_model.safetensors) or deltatune"),
+    model: Optional[str] = ModelOpt,
+):
+    """Convert a saved delta to another checkpoint format; the base model supplies the layer
+    kinds and biases the conversion needs."""
+    from ..io import save
+
+    base, _ = _load_with_delta(model, delta)
+    written = save(base, output, format=format)
+    console.print(f"{format} checkpoint written to {', '.join(map(str, written))}")
 
 
 @app.command()
