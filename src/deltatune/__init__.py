@@ -20,6 +20,7 @@ from .api import (
     trainable_parameters,
     unmerge,
 )
+from .combine import combine
 from .config import DeltaConfig, config, methods
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
@@ -77,6 +78,7 @@ __all__ = [
     "activate",
     "attach",
     "calibrate",
+    "combine",
     "compare",
     "config",
     "count_parameters",
