@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 
 import deltatune as dt
+from deltatune import layer as layer_module
 from deltatune.layer import delta_layers
 from zoo import tiny_inputs, tiny_model
 
@@ -322,3 +323,41 @@ def test_modules_to_save_on_a_quantized_layer_is_refused():
     dt.quantize(model, "nf4", skip=())
     with pytest.raises(dt.ConfigError, match="modules_to_save: model.layers.0.mlp.down_proj is"):
         dt.attach(model, dt.LoRAConfig(targets=["q_proj"], modules_to_save=["layers.0.mlp.down_proj"]))
+
+
+def test_mixed_batch_of_several_loras_runs_as_one_gathered_product_equal_to_separate_runs(monkeypatch):
+    model = tiny_model("llama")
+    inputs = tiny_inputs("llama", model, batch=5)
+    ranks = {"a": 2, "b": 4, "c": 3}  # different ranks: the stack pads to the largest
+    for i, (name, r) in enumerate(ranks.items()):
+        dt.attach(model, dt.LoRAConfig(r=r, rslora=i == 1), name, activate=False)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in dt.trainable_parameters(model, name):
+                p.normal_(std=0.3)
+    dt.attach(model, dt.LoRAConfig(r=2, dora=True), "dora", activate=False)  # not low-rank: gathered apart
+    with torch.no_grad():
+        for p in dt.trainable_parameters(model, "dora"):
+            p.add_(0.1)
+    order = ["b", None, "a", "dora", "c"]
+    separate = {}
+    for name in set(order):
+        if name is None:
+            with dt.disabled(model):
+                separate[name] = model(**inputs).logits
+        else:
+            dt.activate(model, name)
+            separate[name] = model(**inputs).logits
+    gathered = []
+    original = layer_module._gathered_low_rank
+
+    def spy(x, factors, *rest):
+        gathered.append(set(factors))
+        return original(x, factors, *rest)
+
+    monkeypatch.setattr(layer_module, "_gathered_low_rank", spy)
+    with dt.route(model, order):
+        mixed = model(**inputs).logits
+    assert gathered and all(names == {"a", "b", "c"} for names in gathered)  # DoRA went its own way
+    for row, name in enumerate(order):
+        torch.testing.assert_close(mixed[row], separate[name][row], atol=1e-5, rtol=1e-5)

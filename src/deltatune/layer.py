@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -88,6 +89,11 @@ class Delta(nn.Module):
 
     def merge_blocker(self, backend: Backend) -> str | None:
         """Why this delta cannot be merged into this particular layer, or None when it can."""
+        return None
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """(A, B, s) when this delta's forward is exactly base_out + s·B A x, so that a mixed
+        batch can run it together with other such deltas in one batched product; else None."""
         return None
 
     # checkpoints -----------------------------------------------------------------------------
@@ -266,11 +272,18 @@ class DeltaLayer(nn.Module):
         return values
 
     def _routed_forward(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        # one gather/scatter per delta present in the batch, never a loop over samples
+        # pure low-rank deltas (plain LoRA) all at once by a gathered batched product; any other
+        # delta by one gather/scatter of its rows; never a loop over samples
         out = self.base(x, *args, **kwargs)
+        rows_by_name = {n: r for n, r in self.routing.rows_for(x.shape[0], x.device).items() if n in self.deltas}
+        factors = {}
+        if self.backend.takes_activations:
+            factors = {n: f for n in rows_by_name if (f := self.deltas[n].low_rank_factors()) is not None}
         result = out
-        for name, rows in self.routing.rows_for(x.shape[0], x.device).items():
-            if name not in self.deltas:
+        if len(factors) > 1:
+            result = out + _gathered_low_rank(x, factors, rows_by_name, out.dtype)
+        for name, rows in rows_by_name.items():
+            if len(factors) > 1 and name in factors:
                 continue
             delta = self.deltas[name]
             x_rows = x.index_select(0, rows)
@@ -382,6 +395,29 @@ class DeltaLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"deltas={list(self.deltas)}, active={list(self.active)}, merged={list(self.merged)}"
+
+
+def _gathered_low_rank(
+    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype
+) -> Tensor:
+    """Σ over deltas of s·B A x on each delta's rows, as two batched matrix products: the K
+    deltas' A and B (padded to the largest rank, s folded into B) are stacked behind a zero
+    slot, gathered per row by the row's delta index (0: no low-rank delta), and applied with bmm."""
+    rank = max(a.shape[0] for a, _, _ in factors.values())
+    first_a, first_b, _ = next(iter(factors.values()))
+    index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    a_parts = [x.new_zeros((rank, first_a.shape[1]), dtype=dtype)]
+    b_parts = [x.new_zeros((first_b.shape[0], rank), dtype=dtype)]
+    for slot, (name, (a, b, scale)) in enumerate(factors.items(), start=1):
+        pad = rank - a.shape[0]
+        a_parts.append(F.pad(a.to(dtype), (0, 0, 0, pad)))
+        b_parts.append(F.pad(b.to(dtype) * scale, (0, pad)))
+        index[rows_by_name[name]] = slot
+    a_rows = torch.stack(a_parts).index_select(0, index)  # (rows, r, in)
+    b_rows = torch.stack(b_parts).index_select(0, index)  # (rows, out, r)
+    flat = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])
+    low = torch.bmm(flat, a_rows.transpose(1, 2))
+    return torch.bmm(low, b_rows.transpose(1, 2)).reshape(*x.shape[:-1], b_rows.shape[1])
 
 
 def _bind_call(delta: Delta, module: nn.Module, run, rows: RowSelector):

@@ -140,6 +140,9 @@ class GatedLoRA(LoRADelta):
     def attach_gate(self, width: int) -> None:
         self.gate = _gate(width, self.A)
 
+    def low_rank_factors(self) -> None:
+        return None  # the gate depends on x: not a fixed low-rank update
+
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
         dtype = base_out.dtype
         gate = torch.sigmoid(self.gate(x.to(self.A.dtype))).to(dtype)

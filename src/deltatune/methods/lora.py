@@ -214,6 +214,12 @@ class LoRADelta(Delta):
             out = out + self.delta_bias.to(dtype)
         return out
 
+    def low_rank_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        plain = self.magnitude is None and not self.pissa and self.delta_bias is None
+        if not plain or (self.dropout is not None and self.training):
+            return None
+        return self.A, self.B, self.scale
+
     def weight_norm(self, backend: Backend) -> Tensor:
         """‖W0 + s·B A‖ per output unit, without forming B A; detached, as DoRA prescribes."""
         with torch.no_grad():
