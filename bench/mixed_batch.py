@@ -58,6 +58,33 @@ def timed(run) -> float:
     return time.perf_counter() - started
 
 
+def measure(k: int, root: Path, ids: torch.Tensor, repeats: int) -> tuple[dict[str, float], float]:
+    """Median forward times (ms) for K adapters, and the libraries' largest logit difference."""
+    ours, theirs = build(k, root)
+    names = [f"a{i % k}" for i in range(ids.shape[0])]
+
+    def deltatune_mixed():
+        with dt.route(ours, names):
+            return ours(ids).logits
+
+    def peft_mixed():
+        return theirs(input_ids=ids, adapter_names=names).logits
+
+    def floor():
+        return ours(ids).logits
+
+    difference = (deltatune_mixed() - peft_mixed()).abs().max().item()
+    if difference > 1e-3:
+        raise SystemExit(f"K={k}: the libraries disagree by {difference}; timings would compare different things")
+    dt.activate(ours, "a0")
+    runs = {"deltatune": deltatune_mixed, "peft": peft_mixed, "floor": floor}
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            times[key].append(timed(run))
+    return {key: statistics.median(v) * 1000 for key, v in times.items()}, difference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="1,4,16")
@@ -71,31 +98,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in (int(v) for v in args.ks.split(",")):
-            ours, theirs = build(k, Path(tmp))
-            names = [f"a{i % k}" for i in range(args.batch)]
-
-            def deltatune_mixed():
-                with dt.route(ours, names):
-                    return ours(ids).logits
-
-            def peft_mixed():
-                return theirs(input_ids=ids, adapter_names=names).logits
-
-            def floor():
-                return ours(ids).logits
-
-            difference = (deltatune_mixed() - peft_mixed()).abs().max().item()
-            if difference > 1e-3:
-                raise SystemExit(f"K={k}: the libraries disagree by {difference}; timings would compare different things")
-            dt.activate(ours, "a0")
-            times = {"deltatune": [], "peft": [], "floor": []}
-            for _ in range(args.repeats):
-                times["deltatune"].append(timed(deltatune_mixed))
-                times["peft"].append(timed(peft_mixed))
-                times["floor"].append(timed(floor))
-            medians = {key: statistics.median(v) * 1000 for key, v in times.items()}
+            medians, difference = measure(k, Path(tmp), ids, args.repeats)
             rows.append((k, medians, difference))
-            del ours, theirs
 
     print(f"forward of a {args.batch}x{args.seq} batch, median of {args.repeats} (ms):")
     print(f"{'K':>3} {'deltatune':>10} {'PEFT':>8} {'floor':>8} {'dt/PEFT':>8} {'dt/floor':>9} {'max |diff|':>11}")

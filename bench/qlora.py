@@ -44,7 +44,6 @@ Example (about 3 minutes on 2 idle CPU cores)::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -66,6 +65,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from deltatune.analysis.memory import reset_peak_memory, trim_heap  # noqa: E402
 from deltatune.models import release_checkpoint_mapping  # noqa: E402
 
 CONFIGS = ("peft-qlora", "dt-qlora", "dt-lora", "dt-qlora-own")
@@ -187,24 +187,6 @@ def _status_kib(field_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim_heap() -> None:
-    """Hand freed heap back to the system (glibc), so RSS after loading is what is live."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -275,10 +257,10 @@ def start_worker(args: argparse.Namespace) -> Worker:
         info["loaded_mib"] = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        _trim_heap()
+        trim_heap()
         info["load_peak_mib"] = _max_rss_mib()
         info["loaded_mib"] = (_status_kib("VmRSS") or 0) / 1024
-        info["hwm_reset"] = _reset_peak_rss()
+        info["hwm_reset"] = reset_peak_memory(torch.device("cpu"))
     return Worker(args.one, args.device, model, optimizer, input_ids, info)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from deltatune.errors import DataError
 from deltatune.train.data import IGNORE_INDEX
 from deltatune.train.evaluate import evaluate_loss, exact_match
-from deltatune.train.trainer import peak_memory_bytes, reset_peak_memory
+from deltatune.analysis.memory import peak_memory_bytes, reset_peak_memory
 
 
 class UniformLM(nn.Module):
@@ -68,7 +68,7 @@ def test_peak_memory_reset_forgets_a_freed_allocation():
     big = torch.ones(64 * 2**20)  # 256 MiB, resident because it is written
     del big
     before_reset = peak_memory_bytes(device)
-    reset_peak_memory(device)
+    assert reset_peak_memory(device)
     after_reset = peak_memory_bytes(device)
     assert before_reset - after_reset > 200 * 2**20
     kept = torch.ones(32 * 2**20)

@@ -96,7 +96,7 @@ def _saved_paths(model: nn.Module, config: DeltaConfig, anatomy) -> list[str]:
     """The modules ``modules_to_save`` trains: each match and every module inside it that has
     parameters of its own (a classification head made of several layers is copied whole)."""
     chosen = select(
-        model, config.modules_to_save, accepts=lambda m, r: any(True for _ in _base_of(m).parameters()),
+        model, config.modules_to_save, accepts=lambda m, r: next(_base_of(m).parameters(), None) is not None,
         what="modules_to_save", adapts="modules with parameters", anatomy=anatomy,
     ).paths
     return [
@@ -136,12 +136,10 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
 
 
 def _check_quantized_base(model: nn.Module, config: DeltaConfig, paths: Sequence[str], anatomy) -> None:
-    modules = dict(iter_modules(model))
-    for path in paths:
-        module = _base_of(model.get_submodule(path))
-        backend = backend_for(module)
-        if backend is None or not backend.quantized:
-            continue
+    quantized = [p for p in paths if (b := backend_for(_base_of(model.get_submodule(p)))) is not None and b.quantized]
+    modules = dict(iter_modules(model)) if quantized and config.modules_to_save else {}
+    for path in quantized:
+        backend = backend_for(_base_of(model.get_submodule(path)))
         if _trains_copy(config, path, modules, anatomy):
             raise ConfigError(
                 f"modules_to_save: {path} is {backend.kind}, and a quantized weight cannot be trained as a "

@@ -141,16 +141,13 @@ def _exact(path: str) -> str:
 
 
 def _concatenated(present: dict[str, LoRADelta], weights: Mapping[str, float]) -> tuple[Tensor, Tensor]:
-    """A = [A_i; A0_i], B = [w_i s_i B_i, −w_i s_i B0_i]: Σ w_i ΔW_i with scale 1 (PiSSA's frozen
-    initial factors enter with a minus sign)."""
+    """A = [A_1; ...], B = [w_1 s_1 B_1, ...]: Σ w_i ΔW_i with scale 1 (PiSSA deltas bring their
+    stacked factors, see :meth:`LoRADelta.factors`)."""
     a_parts, b_parts = [], []
     for n, delta in present.items():
-        coefficient = weights[n] * delta.scale
-        a_parts.append(delta.A.detach().float())
-        b_parts.append(coefficient * delta.B.detach().float())
-        if delta.pissa:
-            a_parts.append(delta.A0.float())
-            b_parts.append(-coefficient * delta.B0.float())
+        a, b = delta.factors()
+        a_parts.append(a.detach().float())
+        b_parts.append(weights[n] * delta.scale * b.detach().float())
     return torch.cat(a_parts), torch.cat(b_parts, dim=1)
 
 

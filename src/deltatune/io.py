@@ -164,10 +164,15 @@ def load(
             if name is not None and len(adapters) > 1:
                 raise CheckpointError(f"{str(path)!r} holds {len(adapters)} PEFT adapters; load them without a name")
             single = adapters == [root]
-            return [
-                peft_format.load(model, d, name or ("default" if single else d.name), activate=activate)
-                for d in adapters
-            ]
+            names = []
+            for directory in adapters:
+                imported = peft_format.read(model, directory)
+                for note in imported.notes:
+                    warnings.warn(note, peft_format.PeftFormatNote, stacklevel=2)
+                delta_name = name or ("default" if single else directory.name)
+                _attach_filled(model, imported.config, delta_name, imported.states, directory, activate)
+                names.append(delta_name)
+            return names
     directories = delta_directories(path)
     if name is not None and len(directories) > 1:
         raise CheckpointError(f"{str(path)!r} holds {len(directories)} deltas; load them without a name")
@@ -186,20 +191,24 @@ def load(
             per_module.setdefault(module_path, {})
         per_module = dict(sorted(per_module.items(), key=lambda item: order.get(item[0], len(order))))
         paths = _check_fit(model, config, meta, per_module, directory, strict)
-        attach(model, config, delta_name, activate=activate, paths=paths, initialize=False)
-        try:
-            _fill(model, delta_name, {p: per_module[p] for p in paths}, directory, config.method)
-        except CheckpointError:
-            delete(model, delta_name)  # never leave a delta with uninitialised weights behind
-            raise
+        _attach_filled(model, config, delta_name, {p: per_module[p] for p in paths}, directory, activate)
         names.append(delta_name)
     return names
 
 
-def _fill(model: nn.Module, name: str, per_module: dict[str, dict[str, torch.Tensor]], directory: Path, method: str) -> None:
+def _attach_filled(
+    model: nn.Module, config: DeltaConfig, name: str, per_module: dict[str, dict[str, torch.Tensor]],
+    directory: Path, activate: bool,
+) -> None:
+    """Attach ``config`` as ``name`` on exactly the modules of ``per_module`` and load their tensors."""
+    attach(model, config, name, activate=activate, paths=list(per_module), initialize=False)
     layers = delta_layers(model)
-    for module_path, state in per_module.items():
-        layers[module_path].deltas[name].load_saved_state(state, f"{directory}: {method} delta on {module_path}")
+    try:
+        for module_path, state in per_module.items():
+            layers[module_path].deltas[name].load_saved_state(state, f"{directory}: {config.method} delta on {module_path}")
+    except CheckpointError:
+        delete(model, name)  # never leave a delta with uninitialised weights behind
+        raise
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

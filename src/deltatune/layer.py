@@ -280,10 +280,12 @@ class DeltaLayer(nn.Module):
         if self.backend.takes_activations:
             factors = {n: f for n in rows_by_name if (f := self.deltas[n].low_rank_factors()) is not None}
         result = out
-        if len(factors) > 1:
+        if len(factors) > 1:  # a single one is cheaper on its own rows alone
             result = out + _gathered_low_rank(x, factors, rows_by_name, out.dtype)
+        else:
+            factors = {}
         for name, rows in rows_by_name.items():
-            if len(factors) > 1 and name in factors:
+            if name in factors:
                 continue
             delta = self.deltas[name]
             x_rows = x.index_select(0, rows)

@@ -9,13 +9,61 @@ Lines (bytes):
   at 32-bit; with gradient checkpointing only each layer's input (2·s·b·h at 16-bit) is kept,
   plus one layer's full activations during recomputation.
 It ignores allocator fragmentation and framework overhead, so treat it as a lower bound.
+
+Measured peaks come from :func:`peak_memory_bytes` and :func:`reset_peak_memory`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import resource
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory since the last :func:`reset_peak_memory`: CUDA's peak allocation, or on CPU
+    the process's peak resident set size (which includes Python, torch and the data, so compare
+    runs made the same way)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start measuring the peak afresh, so that loading (which on CPU maps and converts the whole
+    checkpoint) does not hide the peak of what follows; returns whether it could. On CPU this
+    needs Linux's /proc/self/clear_refs; elsewhere the peak stays the whole process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        return False
+    gc.collect()
+    trim_heap()  # glibc keeps freed loading buffers resident; they are not what follows
+    clear_refs.write_text("5")  # 5: reset the peak resident set size to the current one
+    return True
+
+
+def trim_heap() -> None:
+    """Hand the heap memory freed so far back to the system (glibc only; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)

@@ -214,11 +214,17 @@ class LoRADelta(Delta):
             out = out + self.delta_bias.to(dtype)
         return out
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A', B') with B' A' the unscaled update: A, B, or for PiSSA the stacked [A; A0] and
+        [B, −B0], whose product is B A − B0 A0 (rank 2r)."""
+        if not self.pissa:
+            return self.A, self.B
+        return torch.cat([self.A, self.A0.to(self.A.dtype)]), torch.cat([self.B, -self.B0.to(self.B.dtype)], dim=1)
+
     def low_rank_factors(self) -> tuple[Tensor, Tensor, float] | None:
-        plain = self.magnitude is None and not self.pissa and self.delta_bias is None
-        if not plain or (self.dropout is not None and self.training):
+        if self.magnitude is not None or self.delta_bias is not None or (self.dropout is not None and self.training):
             return None
-        return self.A, self.B, self.scale
+        return (*self.factors(), self.scale)
 
     def weight_norm(self, backend: Backend) -> Tensor:
         """‖W0 + s·B A‖ per output unit, without forming B A; detached, as DoRA prescribes."""

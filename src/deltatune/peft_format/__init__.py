@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,10 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..anatomy import ROLE_GROUPS, ROLES, iter_modules
-from ..api import attach, delete, deltas
+from ..api import deltas
 from ..config import DeltaConfig, did_you_mean
 from ..errors import CheckpointError
-from ..layer import delta_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -277,32 +275,16 @@ def read(model: nn.Module, directory: str | Path) -> Imported:
     return imported
 
 
-def load(model: nn.Module, directory: str | Path, name: str, *, activate: bool = True) -> str:
-    """Attach the PEFT adapter in ``directory`` to ``model`` as the delta ``name``."""
-    imported = read(model, directory)
-    for note in imported.notes:
-        warnings.warn(note, PeftFormatNote, stacklevel=3)
-    attach(model, imported.config, name, activate=activate, paths=list(imported.states), initialize=False)
-    layers = delta_layers(model)
-    try:
-        for path, state in imported.states.items():
-            layers[path].deltas[name].load_saved_state(state, f"{directory}: {imported.config.method} on {path}")
-    except CheckpointError:
-        delete(model, name)  # never leave a delta with uninitialised weights behind
-        raise
-    return name
-
-
 def save(model: nn.Module, path: str | Path, name: str) -> Path:
     """Write the delta ``name`` as a PEFT adapter directory at ``path``."""
-    info = deltas(model)[name]
-    exported = exporter_for(info.config.method).write(model, name)
+    converter = exporter_for(deltas(model)[name].config.method)
+    exported = converter.write(model, name)
     target = Path(path)
     target.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in exported.tensors.items()}
     save_file(tensors, str(target / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
-        "peft_type": exporter_for(info.config.method).peft_type,
+        "peft_type": converter.peft_type,
         "task_type": task_type(model),
         "base_model_name_or_path": base_model_path(model),
         "revision": None,
@@ -311,13 +293,6 @@ def save(model: nn.Module, path: str | Path, name: str) -> Path:
     }
     (target / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return target
-
-
-def module_states(model: nn.Module, name: str) -> dict[str, dict[str, Tensor]]:
-    """Per module path, the saved state of the delta ``name``."""
-    return {
-        path: layer.deltas[name].saved_state() for path, layer in delta_layers(model).items() if name in layer.deltas
-    }
 
 
 def model_modules(model: nn.Module) -> dict[str, nn.Module]:

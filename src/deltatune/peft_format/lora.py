@@ -209,7 +209,7 @@ class LoraConverter(Converter):
         r, alpha = int(config["r"]), config.get("lora_alpha", 8)
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
-        lora_paths = [p for p in states if p not in saved]
+        lora_paths = [p for p in states if p not in copied]
         for path in lora_paths:
             state = states[path]
             if set(state) - {"delta_bias"} and not {"A", "B"} <= set(state):
@@ -254,10 +254,7 @@ class LoraConverter(Converter):
             if isinstance(delta, ParameterCopy):
                 continue
             lora_paths.append(path)
-            a, b = delta.A.detach(), delta.B.detach()
-            if delta.pissa:
-                a = torch.cat([a, delta.A0.to(a.dtype)])
-                b = torch.cat([b, -delta.B0.to(b.dtype)], dim=1)
+            a, b = (t.detach() for t in delta.factors())  # PiSSA: an exact rank-2r LoRA
             ranks[path] = a.shape[0]
             alphas[path] = delta.scale * (math.sqrt(a.shape[0]) if config.rslora else a.shape[0])
             backend = backend_for(modules[path])

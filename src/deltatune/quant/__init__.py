@@ -100,8 +100,9 @@ def quantize(
 
 
 def quantizable_layers(model: nn.Module, skip: Sequence[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
-    """The (path, module) pairs :func:`quantize` replaces: dense linear layers not matched by ``skip``, not sharing their weight with another module, and
-    not among the modules a transformers model keeps in fp32."""
+    """The (path, module) pairs :func:`quantize` replaces: dense linear layers not matched by
+    ``skip``, not sharing their weight with another module, and not among the modules a
+    transformers model keeps in fp32."""
     anatomy = analyze(model)
     present = [p for p in skip if p != "head" or anatomy.head is not None]
     skipped = set(select(model, present, accepts=lambda m, r: True, each_must_match=False,

@@ -11,16 +11,12 @@ with the same data order.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import inspect
 import json
 import math
-import resource
 import shutil
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis.memory import peak_memory_bytes, reset_peak_memory
 from ..api import after_optimizer_step, attach, calibrate, trainable_parameters
 from ..config import config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
@@ -458,44 +455,6 @@ class Trainer:
             "delta": str(result.delta_dir),
         }
         (self.output_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory since the last `reset_peak_memory`: CUDA's peak allocation, or on CPU the
-    process's peak resident set size (which includes Python, torch and the data, so compare
-    runs made the same way)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start measuring the peak afresh, so that loading (which on CPU maps and converts the whole
-    checkpoint) does not hide the peak of training itself. On CPU this needs Linux's
-    /proc/self/clear_refs; elsewhere the peak stays the whole process's."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    clear_refs = Path("/proc/self/clear_refs")
-    if clear_refs.exists():
-        gc.collect()
-        _trim_heap()  # glibc keeps freed loading buffers resident; they are not training's
-        clear_refs.write_text("5")  # 5: reset the peak resident set size to the current one
-
-
-def _trim_heap() -> None:
-    """Hand the heap memory freed so far back to the system (glibc only; elsewhere a no-op)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
 
 
 def held_out_loss(model, tokenizer, features) -> float:
