@@ -1,13 +1,10 @@
-"""Train every method on the bundled task with one fixed budget; report held-out results.
+"""Train every method on the bundled task with one fixed budget; write README's results table.
 
-Each method runs ``deltatune train`` on the bundled SmolLM2-135M-Instruct and date data with the
-same steps, batch size, seed and evaluation, and its own default learning rate (methods differ
-by orders of magnitude there; see each config's ``default_lr``). The table gives trainable
-parameters, the held-out loss and exact match before and after, and the training time.
-
-A finished method's ``summary.json`` is reused, so an interrupted comparison continues where it
-stopped (``--fresh`` retrains). ``--write README.md`` replaces the section between the
-``method-results`` markers.
+A thin caller of :func:`deltatune.compare_training` (the library behind ``deltatune compare``)
+with every registered method and the budget README quotes; ``--write README.md`` replaces the
+section between the ``method-results`` markers with the comparison's Markdown table. A finished
+method's run under ``--output`` is reused, so an interrupted comparison continues where it
+stopped (``--fresh`` retrains).
 
     python scripts/compare_methods.py [--steps 40] [--eval-limit 50] [--methods lora,ia3] [--write README.md]
 """
@@ -15,61 +12,12 @@ stopped (``--fresh`` retrains). ``--write README.md`` replaces the section betwe
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import re
-import shutil
 from pathlib import Path
 
-import torch
-
 import deltatune as dt
-from deltatune.train.trainer import Trainer, TrainSettings
 
 START, END = "<!-- method-results:start -->", "<!-- method-results:end -->"
-#: options that differ from a method's defaults, and why
-OPTIONS = {
-    "bitfit": {"add_missing": True},  # SmolLM2 (Llama) has no biases to train
-}
-
-
-def run_method(method: str, args: argparse.Namespace) -> dict:
-    output = args.output / method
-    summary_path = output / "summary.json"
-    if summary_path.is_file() and not args.fresh:
-        return json.loads(summary_path.read_text())
-    shutil.rmtree(output, ignore_errors=True)
-    settings = TrainSettings(
-        method=method, method_options=OPTIONS.get(method, {}), max_steps=args.steps, batch_size=args.batch_size,
-        eval_limit=args.eval_limit, output_dir=str(output), seed=0, samples=0,
-    )
-    print(f"== {method}: {args.steps} steps, lr {settings.learning_rate:g}", flush=True)
-    Trainer(settings, log=lambda message: print(message, flush=True), progress=False).run()
-    return json.loads(summary_path.read_text())
-
-
-def trainable(summary: dict) -> str:
-    match = re.search(r"trainable params: ([\d,]+) \|\| all params: [\d,]+ \|\| trainable%: ([\d.]+)", summary["parameters"])
-    return f"{match.group(1)} ({float(match.group(2)):.3f}%)" if match else "?"
-
-
-def render(results: dict[str, dict], args: argparse.Namespace) -> str:
-    lines = [
-        f"{args.steps} steps of batch {args.batch_size} (seed 0) per method, each at its default learning rate; "
-        f"exact match on {args.eval_limit} held-out examples, loss on all 100. "
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}.",
-        "",
-        "| method | trainable params | lr | held-out loss before → after | exact match before → after | train time |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for method, s in results.items():
-        lr = s["settings"]["lr"] or dt.config(method).default_lr
-        options = "".join(f" ({k}={v})" for k, v in s["settings"]["method_options"].items())
-        lines.append(
-            f"| `{method}`{options} | {trainable(s)} | {lr:g} | {s['before']['loss']:.3f} → {s['after']['loss']:.3f} "
-            f"| {s['before']['exact_match']:.2f} → {s['after']['exact_match']:.2f} | {s['train_seconds']:.0f} s |"
-        )
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -82,9 +30,11 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="retrain methods that already have results")
     parser.add_argument("--write", type=Path, help="a Markdown file whose method-results section to replace")
     args = parser.parse_args()
-    chosen = args.methods.split(",") if args.methods else dt.methods()
-    results = {method: run_method(method, args) for method in chosen}
-    text = render(results, args)
+    comparison = dt.compare_training(
+        args.methods.split(",") if args.methods else dt.methods(), steps=args.steps, batch_size=args.batch_size,
+        eval_limit=args.eval_limit, output_dir=args.output, fresh=args.fresh, progress=False,
+    )
+    text = comparison.markdown()
     print(text)
     if args.write is not None:
         document = args.write.read_text()

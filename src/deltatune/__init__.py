@@ -3,6 +3,10 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .analysis.advise import advise
+from .analysis.compare import compare_training
+from .analysis.memory import estimate_memory
+from .analysis.subspace import amplification_factor, subspace_similarity
 from .api import (
     activate,
     attach,
@@ -76,10 +80,13 @@ __all__ = [
     "TopLayersConfig",
     "UniPELTConfig",
     "activate",
+    "advise",
+    "amplification_factor",
     "attach",
     "calibrate",
     "combine",
     "compare",
+    "compare_training",
     "config",
     "count_parameters",
     "deactivate",
@@ -87,6 +94,7 @@ __all__ = [
     "deltas",
     "detach",
     "disabled",
+    "estimate_memory",
     "fold",
     "load",
     "merge",
@@ -95,6 +103,7 @@ __all__ = [
     "plan",
     "route",
     "save",
+    "subspace_similarity",
     "summary",
     "trainable_parameters",
     "unmerge",

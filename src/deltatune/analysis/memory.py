@@ -1,14 +1,48 @@
-"""A first-order training-memory estimate, from parameter counts and the model config alone.
+"""Training memory: an estimate from the model config alone, and measured peaks.
 
-Lines (bytes):
-* weights: every base parameter at the model's dtype size;
-* delta weights, gradients: trainable parameters at their dtype size, once each;
-* optimizer: AdamW keeps two fp32 moments per trainable parameter (8 bytes);
-* activations: per transformer layer, s·b·h·(34 + 5·a·s/h) bytes at 16-bit (Korthikanti et
-  al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1), doubled
-  at 32-bit; with gradient checkpointing only each layer's input (2·s·b·h at 16-bit) is kept,
-  plus one layer's full activations during recomputation.
-It ignores allocator fragmentation and framework overhead, so treat it as a lower bound.
+:func:`estimate_memory` (from a config, built on the meta device: no weights) and
+:func:`estimate_training_memory` (a model already built, delta attached) add up these lines,
+in bytes. Notation: P_f frozen and P_t trainable parameters; d the weights' bytes per element
+(4 fp32, 2 fp16/bf16), d_t the trainable parameters' (deltatune keeps a LoRA delta on a 16-bit
+base in fp32 unless ``param_dtype`` says otherwise), d_a the activations'; b batch size, s
+sequence length, L layers, h hidden size, a attention heads, h_kv the key/value width, i the MLP
+width, V the vocabulary, H the positions the output head runs on (s, or fewer where only the
+answer's positions need logits, as in deltatune's trainer).
+
+* **model weights** = P_f·d + P_t·d_t; a quantized base stores its linear layers at the
+  format's size, block constants included (as :func:`weight_memory`).
+* **gradients** = P_t·d_t: one gradient per trainable parameter, in its dtype.
+* **optimizer states**: AdamW (Loshchilov & Hutter 2019) keeps two moments shaped and typed
+  like the parameter, 2·P_t·d_t. With master weights (mixed-precision training, Micikevicius et
+  al. 2018) a 16-bit trainable parameter also has an fp32 copy and fp32 moments: 12·P_t, ZeRO's
+  "K = 12" (Rajbhandari et al. 2020). 8-bit AdamW (Dettmers et al. 2022): 2·P_t plus two fp32
+  constants per block of 256. SGD without momentum: none.
+* **activations** = b·L·s·(e·d_a + m) + b·H·V·(d_a + 4): what backward reads, per token and
+  layer e = 2h (the two norms' inputs) + h (attention input) + (h + 2·h_kv) (q, k, v) + h
+  (attention output) + h (MLP input) + 2i (MLP up and activation outputs; 4i for a gated MLP:
+  gate, activation, up, product); m = 2h bytes of 1-byte dropout masks (after attention,
+  after the MLP) when the model has hidden dropout. Eager attention adds the a·s attention
+  probabilities per token (with attention dropout also their mask and dropped-out copy: 2·a·s
+  elements + a·s bytes); SDPA/flash kernels keep none (Dao et al. 2022). For GPT/OPT blocks
+  (i = 4h, both dropouts, eager) this is Korthikanti et al. (2022, "Reducing Activation
+  Recomputation in Large Transformer Models") eq. 1, s·b·h·(34 + 5·a·s/h) bytes at 16 bits,
+  whose 5·a·s/h term is the eager attention's. The head adds its logits
+  (d_a bytes) and the fp32 log-probabilities cross-entropy keeps (4 bytes) per position.
+  With gradient checkpointing each layer keeps only its input, b·L·s·h·d_a, and one layer's
+  activations are rebuilt at a time in backward, b·s·(e·d_a + m).
+* **allocator retention** (CPU, glibc): the activations once more. glibc's malloc raises its
+  mmap threshold to the size of each large block freed (up to 32 MiB; mallopt(3),
+  M_MMAP_THRESHOLD), so after the first step activations come from the heap, and a step's freed
+  activations stay resident beside the next step's: the resident peak settles at two sets.
+  Setting ``MALLOC_MMAP_THRESHOLD_`` (a fixed threshold) turns this off, and the line with it.
+* **framework overhead**: on CPU the resident memory of a process that imported torch,
+  transformers, accelerate and deltatune and did nothing else (:data:`CPU_RUNTIME_BYTES`,
+  measured); on CUDA the CUDA context and kernel images, outside torch's allocator
+  (:data:`CUDA_CONTEXT_BYTES`: nvidia-smi counts them, ``torch.cuda.max_memory_allocated`` does not).
+
+Not modelled: allocator fragmentation, backward's transient gradient buffers, the extra
+positions of prompt/prefix tuning. ``scripts/check_memory_estimate.py`` compares the estimate
+with the seed documents' OPT-1.3B table and with a measured training run.
 
 Measured peaks come from :func:`peak_memory_bytes` and :func:`reset_peak_memory`.
 """
@@ -17,6 +51,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -66,21 +102,47 @@ def trim_heap() -> None:
     libc.malloc_trim(0)
 
 
+#: resident memory of an idle CPU process after ``import torch, transformers, accelerate,
+#: deltatune.train.trainer`` (measured with torch 2.13 / transformers 4.5x on x86-64 Linux:
+#: 330 MiB; ``import torch, transformers`` alone holds 238 MiB); see scripts/check_memory_estimate.py
+CPU_RUNTIME_BYTES = 330 * 2**20
+#: CUDA context, cuBLAS/cuDNN handles and kernel images on a recent NVIDIA GPU (about 0.5 GiB;
+#: outside torch's caching allocator)
+CUDA_CONTEXT_BYTES = 512 * 2**20
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+#: the storage format :func:`weight_memory` prices for each quantization scheme of :func:`deltatune.quantize`
+_QUANT_FORMAT = {"nf4": "nf4+dq", "fp4": "nf4+dq", "int8": "int8"}
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    lines: tuple[tuple[str, int], ...]
+    """Lines of (name, bytes, formula); ``total`` is their sum."""
+
+    lines: tuple[tuple[str, int, str], ...]
 
     @property
     def total(self) -> int:
-        return sum(b for _, b in self.lines)
+        return sum(b for _, b, _ in self.lines)
+
+    def __getitem__(self, name: str) -> int:
+        for line, value, _ in self.lines:
+            if line == name:
+                return value
+        raise KeyError(f"no line {name!r}; lines: {', '.join(n for n, _, _ in self.lines)}")
 
     def __str__(self) -> str:
-        width = max(len(name) for name, _ in self.lines)
-        rows = [f"{name.ljust(width)}  {_human(b):>10}" for name, b in self.lines]
+        width = max(len(name) for name, _, _ in self.lines)
+        rows = [f"{name.ljust(width)}  {_human(b):>10}  {formula}" for name, b, formula in self.lines]
         return "\n".join(rows + [f"{'total'.ljust(width)}  {_human(self.total):>10}"])
 
+    def markdown(self) -> str:
+        rows = [f"| {name} | {_human(b)} | {formula} |" for name, b, formula in self.lines]
+        return "\n".join(["| line | bytes | formula |", "|---|---:|---|", *rows, f"| **total** | **{_human(self.total)}** | |"])
 
-def _human(n: int) -> str:
+
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -88,41 +150,204 @@ def _human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _first(config, *names: str, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the activation formula needs from a model: its sizes and block kind."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_width: int
+    ffn: int
+    vocab: int
+    gated: bool
+    dropout: bool
+    attention_dropout: bool
+    attention: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_Shape":
+        from ..anatomy import analyze, linear_shape
+
+        config = getattr(model, "config", None)
+        config = getattr(config, "text_config", None) or config
+        anatomy = analyze(model)
+        hidden = _first(config, "hidden_size", "d_model", "n_embd", default=0)
+        heads = _first(config, "num_attention_heads", "n_head", "num_heads", default=1)
+        head_dim = _first(config, "head_dim", default=None) or hidden // max(heads, 1)
+        kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=heads)
+        modules = dict(model.named_modules())
+        up = anatomy.paths_with_role("ffn.up")
+        ffn = linear_shape(modules[up[0]])[1] if up else _first(config, "intermediate_size", "ffn_dim", "n_inner", "d_ff", default=4 * hidden)
+        layers = sum(anatomy.num_layers.values()) or _first(config, "num_hidden_layers", "n_layer", "num_layers", default=0)
+        return cls(
+            layers=layers, hidden=hidden, heads=heads, kv_width=kv_heads * head_dim, ffn=ffn,
+            vocab=_first(config, "vocab_size", default=0), gated=bool(anatomy.paths_with_role("ffn.gate")),
+            dropout=_first(config, "dropout", "resid_pdrop", "hidden_dropout_prob", "hidden_dropout", default=0) > 0,
+            attention_dropout=_first(config, "attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", default=0) > 0,
+            attention=getattr(config, "_attn_implementation", None) or "sdpa",
+        )
+
+    def per_token_elements(self, seq_len: int, attention: str) -> tuple[int, int]:
+        """(elements at the activation dtype, bytes of 1-byte masks) one layer keeps per token."""
+        h = self.hidden
+        mlp = 4 * self.ffn if self.gated else 2 * self.ffn
+        elements = 2 * h + h + (h + 2 * self.kv_width) + h + h + mlp
+        masks = 2 * h if self.dropout else 0
+        if attention == "eager":  # softmax output, and with dropout its mask and output too
+            elements += self.heads * seq_len * (2 if self.attention_dropout else 1)
+            masks += self.heads * seq_len if self.attention_dropout else 0
+        return elements, masks
+
+
 def estimate_training_memory(
-    model: nn.Module, *, batch_size: int = 8, seq_len: int = 256, gradient_checkpointing: bool = False
+    model: nn.Module,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    master_weights: bool = False,
+    quantize: str | None = None,
+    activation_dtype: str | None = None,
+    attention: str | None = None,
+    head_positions: int | None = None,
+    device: str = "cpu",
+    allocator_retention: bool | None = None,
 ) -> MemoryEstimate:
-    frozen = trainable = 0
-    seen = set()
-    weight_bytes = 4
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        size = p.numel() * p.element_size()
-        if p.requires_grad:
-            trainable += size
-        else:
-            frozen += size
-            weight_bytes = p.element_size()
-    trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or getattr(config, "n_embd", 0)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None) or getattr(config, "n_layer", 0)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or getattr(config, "n_head", 1)
-    s, b, h, a = seq_len, batch_size, hidden, heads
-    scale = weight_bytes / 2
-    per_layer = int(s * b * h * (34 + 5 * a * s / max(h, 1)) * scale)
-    if gradient_checkpointing:
-        activations = int(layers * 2 * s * b * h * scale) + per_layer
+    """Training memory of ``model`` as built (its parameters' dtypes and which ones train),
+    for ``batch_size`` sequences of ``seq_len`` tokens; the formula of every line is in the module
+    docstring. ``quantize`` (nf4, fp4, int8) prices the linear layers as :func:`deltatune.quantize`
+    would store them; ``activation_dtype`` (default: the weights') is bf16 under autocast;
+    ``attention`` (default: the model config's) is sdpa, flash_attention_2 or eager;
+    ``head_positions`` (default ``seq_len``) are the positions the output head runs on;
+    ``device`` (cpu or cuda) chooses the overhead line; ``allocator_retention`` (default: on CPU
+    under glibc without ``MALLOC_MMAP_THRESHOLD_``) adds the heap's retained activations."""
+    _check("optimizer", optimizer, OPTIMIZERS)
+    _check("device", device, ("cpu", "cuda"))
+    shape = _Shape.of(model)
+    if attention is not None:
+        _check("attention", attention, ATTENTION)
+    attention = attention or ("eager" if shape.attention == "eager" else "sdpa")  # other kernels keep no scores either
+    params = list({id(p): p for p in model.parameters()}.values())
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    weight_size = (frozen or params)[0].element_size() if params else 4
+    if quantize is not None:
+        from ..quant import check_scheme, quantizable_layers
+
+        check_scheme(quantize)
+        quantized = {id(m.weight): m for _, m in quantizable_layers(model)}
+        frozen_bytes = sum(
+            sum(_quantized_bytes(_QUANT_FORMAT[quantize], *p.shape, p.element_size())) if id(p) in quantized
+            else p.numel() * p.element_size()
+            for p in frozen
+        )
     else:
-        activations = layers * per_layer
+        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+    trainable_count = sum(p.numel() for p in trainable)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+
+    if optimizer == "sgd":
+        states, state_formula = 0, "SGD keeps no state"
+    elif optimizer.endswith("8bit"):
+        states = 2 * trainable_count + 2 * 4 * -(-trainable_count // 256)
+        state_formula = "2·P_t (8-bit moments) + 8 bytes per block of 256"
+    elif master_weights and trainable_bytes < 4 * trainable_count:
+        states, state_formula = 12 * trainable_count, "12·P_t: fp32 master copy + two fp32 moments"
+    else:
+        states, state_formula = 2 * trainable_bytes, "2·P_t·d_t: two AdamW moments like the parameter"
+
+    act = DTYPES[activation_dtype].itemsize if activation_dtype else weight_size
+    b, s, L, h = batch_size, seq_len, shape.layers, shape.hidden
+    elements, masks = shape.per_token_elements(s, attention)
+    layer_bytes = b * s * (elements * act + masks)
+    positions = head_positions if head_positions is not None else s
+    head_bytes = b * positions * shape.vocab * (act + 4)
+    if gradient_checkpointing:
+        layers_line = b * L * s * h * act + layer_bytes
+        layers_formula = "b·L·s·h·d_a (layer inputs) + one layer's b·s·(e·d_a + m)"
+    else:
+        layers_line = L * layer_bytes
+        layers_formula = f"b·L·s·(e·d_a + m), e = {elements}" + (" (eager: + a·s)" if attention == "eager" else "")
+    overhead = CPU_RUNTIME_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
+    if allocator_retention is None:
+        allocator_retention = (device == "cpu" and sys.platform.startswith("linux")
+                               and "MALLOC_MMAP_THRESHOLD_" not in os.environ)
+    retention = [("allocator retention (glibc heap)", layers_line + head_bytes, "the activations once more")]
     return MemoryEstimate((
-        ("base weights", frozen),
-        ("delta weights", trainable),
-        ("gradients", trainable),
-        ("optimizer (AdamW, fp32)", 8 * trainable_count),
-        (f"activations (b={b}, s={s}{', checkpointed' if gradient_checkpointing else ''})", activations),
+        ("model weights", frozen_bytes + trainable_bytes, "P_f·d" + (f" ({quantize} linear layers)" if quantize else "") + " + P_t·d_t"),
+        ("gradients", trainable_bytes, "P_t·d_t"),
+        (f"optimizer states ({optimizer})", states, state_formula),
+        (f"activations: layers (b={b}, s={s}{', checkpointed' if gradient_checkpointing else ''})", layers_line, layers_formula),
+        ("activations: logits", head_bytes, f"b·H·V·(d_a + 4), H = {positions}"),
+        *(retention if allocator_retention else []),
+        (f"framework overhead ({device})", overhead,
+         "idle process: Python, torch, transformers" if device == "cpu" else "CUDA context and kernels"),
     ))
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
+
+
+def meta_model_from_config(config, dtype: str = "fp32") -> nn.Module:
+    """A causal LM with ``config``'s shapes on the meta device: no memory, no weights. ``config``
+    is a transformers config, a config.json path, or a model directory / hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    from ..errors import ModelLoadError
+
+    _check("dtype", dtype, tuple(DTYPES))
+    if not isinstance(config, PretrainedConfig):
+        path = Path(config)
+        try:
+            config = (AutoConfig.for_model(**json.loads(path.read_text())) if path.is_file()
+                      else AutoConfig.from_pretrained(str(config)))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"no model config at {str(config)!r}: {exc}") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).to(DTYPES[dtype])  # .to on meta: no memory, no time
+
+
+def estimate_memory(
+    config,
+    method: str = "lora",
+    *,
+    method_options: dict | None = None,
+    dtype: str = "fp16",
+    **settings,
+) -> MemoryEstimate:
+    """Training memory of ``method`` (a delta method, or ``"full"`` for full fine-tuning) on a
+    model described by ``config`` (see :func:`meta_model_from_config`) with weights in ``dtype``;
+    ``settings`` are those of :func:`estimate_training_memory` (batch_size, seq_len, optimizer,
+    master_weights, quantize, gradient_checkpointing, attention, head_positions, device).
+
+    >>> from transformers import OPTConfig
+    >>> opt = OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32)
+    >>> print(estimate_memory(opt, "full", batch_size=1, seq_len=512, device="cuda"))  # doctest: +SKIP
+    """
+    from ..api import attach
+    from ..config import config as make_config
+
+    model = meta_model_from_config(config, dtype)
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+        attach(model, make_config(method, **(method_options or {})))
+    return estimate_training_memory(model, **settings)
 
 
 #: formats the weight table compares: bytes per weight of a quantized linear layer, from the

@@ -288,6 +288,10 @@ def inspect(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     quantize: Optional[str] = typer.Option(None, help="also show the weights' memory quantized: nf4 | fp4 | int8 (table of fp32, bf16, int8, NF4, NF4+DQ)"),
     optim: str = typer.Option("adamw", help="optimizer whose state the memory table counts"),
+    memory: bool = typer.Option(False, "--memory", help="the memory estimate with each line's formula, and full fine-tuning's for comparison"),
+    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16: the weights' dtype for the memory estimate (default: the model's)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda: whose overhead the estimate counts (default: cuda if available)"),
+    master_weights: bool = typer.Option(False, "--master-weights", help="mixed precision: fp32 master copy and moments of 16-bit trainable weights"),
     r: Optional[int] = ROpt, alpha: Optional[float] = AlphaOpt, dropout: Optional[float] = DropoutOpt,
     targets: Optional[str] = TargetsOpt, exclude: Optional[str] = ExcludeOpt, layers: Optional[str] = LayersOpt,
     rslora: Optional[bool] = RsloraOpt, dora: Optional[bool] = DoraOpt, init: Optional[str] = InitOpt,
@@ -296,24 +300,39 @@ def inspect(
     """Dry run: the model's anatomy, what a delta would touch, parameter counts, memory.
 
     ``--method all`` lists every method's trainable parameters on this model side by side."""
+    import torch
+
     from .. import config as make_config
-    from ..analysis.memory import estimate_training_memory, weight_memory
+    from ..analysis.memory import DTYPES, _check, _human, estimate_training_memory, weight_memory
     from ..anatomy import analyze
     from ..api import attach
     from ..report import compare, plan, summary
 
     base = meta_model(config_json) if config_json else _load_with_delta(model, None)[0]
+    if dtype is not None:
+        _check("dtype", dtype, tuple(DTYPES))
+        base.to(DTYPES[dtype])
     console.print(analyze(base).describe(), highlight=False)
     if method == "all":
         console.print(str(compare(base)), highlight=False)
         return
     delta_config = make_config(method, **_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     console.print(str(plan(base, delta_config)), highlight=False)
+    estimate_settings = dict(batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+                             quantize=quantize, master_weights=master_weights, optimizer=optim,
+                             device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if memory:
+        trainable_before = {id(p): p.requires_grad for p in base.parameters()}
+        full = estimate_training_memory(base.requires_grad_(True), **estimate_settings)
+        for p in base.parameters():
+            p.requires_grad_(trainable_before[id(p)])
     attach(base, delta_config)
     console.print(str(summary(base)), highlight=False)
-    console.print("\ntraining memory estimate (first order):", highlight=False)
-    console.print(str(estimate_training_memory(base, batch_size=batch_size, seq_len=seq_len,
-                                               gradient_checkpointing=gradient_checkpointing)), highlight=False)
+    console.print("\ntraining memory estimate (formulas: deltatune.analysis.memory):", highlight=False)
+    console.print(str(estimate_training_memory(base, **estimate_settings)), highlight=False)
+    if memory:
+        console.print(f"full fine-tuning, same settings: {_human(full.total)} (weights {_human(full['model weights'])}, "
+                      f"gradients {_human(full['gradients'])}, optimizer {_human(full.lines[2][1])})", highlight=False)
     if quantize is not None:
         from ..quant import check_scheme
         from ..train.optim import check_optimizer
@@ -340,6 +359,9 @@ def meta_model(config_path: Path):
         raise ModelLoadError(f"{config_path} is not a transformers config.json: {exc}") from exc
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model_config)
+
+
+from . import analysis_commands  # noqa: E402, F401  (registers compare, analyze, advise on app)
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""``deltatune compare``, ``deltatune analyze subspace`` and ``deltatune advise``: which method,
+and will it fit. Registered on the main app by an import at the bottom of :mod:`.main`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .main import ModelOpt, app, console, friendly_errors
+
+analyze_app = typer.Typer(help="Analyses of trained deltas.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@app.command("compare")
+@friendly_errors
+def compare_command(
+    model: Optional[str] = ModelOpt,
+    data: Optional[str] = typer.Option(None, help="training data as for `deltatune train` (default: the bundled date task)"),
+    eval_data: Optional[str] = typer.Option(None, help="held-out file (default: a seeded 10% of --data)"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods, or 'all' (default: lora,ia3,prompt,prefix,houlsby,bitfit,top_layers)"),
+    steps: int = typer.Option(30, help="optimizer steps per method"),
+    batch_size: int = typer.Option(8, help="examples per step"),
+    eval_limit: int = typer.Option(30, help="held-out examples whose generated answer is scored (exact match)"),
+    max_length: int = typer.Option(256, help="tokens per example, longer ones are cut"),
+    seed: int = typer.Option(0),
+    output_dir: Path = typer.Option(Path("runs/compare"), "--output-dir", "-o", help="one folder per method, plus the report"),
+    fresh: bool = typer.Option(False, "--fresh", help="retrain methods that already finished with these settings"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="a progress bar per method"),
+):
+    """Train several methods on the same model, data and budget; write a report (table, loss
+    curves, metric vs trainable %, HTML page). Finished methods are reused on a rerun."""
+    from .. import methods as registered
+    from ..analysis.compare import DEFAULT_METHODS, compare_training
+
+    chosen = registered() if methods == "all" else [m for m in methods.split(",") if m] if methods else list(DEFAULT_METHODS)
+    comparison = compare_training(
+        chosen, model=model, data=data, eval_data=eval_data, steps=steps, batch_size=batch_size,
+        eval_limit=eval_limit, max_length=max_length, seed=seed, output_dir=output_dir, fresh=fresh,
+        progress=progress, log=lambda message: console.print(message, highlight=False),
+    )
+    table = Table(*comparison.HEADER, title=comparison.budget, title_justify="left")
+    for row in comparison.rows():
+        table.add_row(*row)
+    console.print(table)
+    written = comparison.write_report(output_dir)
+    console.print(f"report: {written['html']} (also {written['markdown']}, {written['json']}, "
+                  f"{written['loss_curves']}, {written['metric_vs_trainable']})", highlight=False)
+
+
+@analyze_app.command("subspace")
+@friendly_errors
+def subspace_command(
+    first: Path = typer.Argument(..., help="a saved LoRA delta (deltatune or PEFT directory)"),
+    second: Path = typer.Argument(..., help="another LoRA delta of the same base (other rank or seed)"),
+    modules: Optional[str] = typer.Option(None, help="only modules whose path contains this (e.g. self_attn.q_proj)"),
+    of: str = typer.Option("A", "--of", help="A: the subspaces of the A matrices (the paper's); delta: of the updates ΔW = B A"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the base model: also print each module's amplification factor for FIRST"),
+    output_dir: Path = typer.Option(Path("."), "--output-dir", "-o", help="where the heatmap PNG and the numbers (JSON) go"),
+):
+    """Subspace similarity φ(A₁, A₂, i, j) = ‖U_{A₁}^{i⊤} U_{A₂}^j‖²_F / min(i, j) of two LoRA deltas
+    (Hu et al. 2021, §7.2): per module φ(1,1) and φ(r₁,r₂), and the i×j grid averaged over modules
+    as a heatmap; with --model, ‖ΔW‖_F / ‖UᵀWV‖_F per module (§7.3). Random subspaces give
+    about max(i, j)/k for inputs of size k."""
+    import json
+
+    from ..analysis.subspace import compare_subspaces, lora_amplification
+
+    report = compare_subspaces(first, second, modules, of)
+    amplification = {}
+    if model is not None:
+        from .. import load
+        from ..models import load_model_and_tokenizer
+
+        base, _ = load_model_and_tokenizer(model)
+        name = load(base, first)[0]
+        amplification = lora_amplification(base, name)
+    table = Table("module", "φ(1,1)", "φ(r₁,r₂)", *(["amplification"] if amplification else []))
+    for path, top, full in report.table():
+        table.add_row(path, f"{top:.3f}", f"{full:.3f}", *([f"{amplification.get(path, float('nan')):.2f}"] if amplification else []))
+    console.print(table)
+    mean = report.mean_grid
+    console.print(f"mean over {len(report.grids)} modules: φ(1,1) = {float(mean[0, 0]):.3f}, "
+                  f"φ({mean.shape[0]},{mean.shape[1]}) = {float(mean[-1, -1]):.3f}", highlight=False)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    png = report.heatmap(output_dir / "subspace_similarity.png",
+                         f"φ(i, j) of {'A' if of == 'A' else 'ΔW'}, mean of {len(report.grids)} modules\n{first} vs {second}")
+    numbers = output_dir / "subspace_similarity.json"
+    numbers.write_text(json.dumps({
+        "first": str(first), "second": str(second), "of": of, "mean_grid": mean.tolist(),
+        "modules": {p: {"phi_1_1": t, "phi_r1_r2": f} for p, t, f in report.table()},
+        "amplification": amplification,
+    }, indent=1) + "\n")
+    console.print(f"heatmap: {png}; numbers: {numbers}", highlight=False)
+
+
+@app.command("advise")
+@friendly_errors
+def advise_command(
+    examples: int = typer.Option(..., "--examples", "-n", help="how many training examples you have"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model id, directory or config.json (default: bundled SmolLM2-135M); only its config is read"),
+    memory: str = typer.Option("24GB", help="memory available: 24GB, 16GiB, 800MB"),
+    device: str = typer.Option("cuda", help="cuda | cpu: which overhead to count (and bf16 vs fp32 by default)"),
+    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: bf16 on cuda, fp32 on cpu)"),
+    batch_size: int = typer.Option(8),
+    seq_len: int = typer.Option(512, help="tokens per example"),
+):
+    """Which method for N examples, and how to fit it in the memory you have: the rule of thumb
+    by data size, then the memory estimate of each way to run it, and what it costs."""
+    from ..analysis.advise import advise
+
+    console.print(str(advise(examples, model, memory=memory, device=device, dtype=dtype, batch_size=batch_size,
+                             seq_len=seq_len)), highlight=False)
