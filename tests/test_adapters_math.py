@@ -9,16 +9,11 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.layer import delta_layers
-from zoo import tiny_inputs, tiny_model
+from zoo import randomize_delta, tiny_inputs, tiny_model
 
 
 def randomize(model, name="default", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in delta_layers(model).values():
-            if name in layer.deltas:
-                for p in layer.deltas[name].parameters():
-                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    randomize_delta(model, name, seed, scale=0.3)
 
 
 def bottleneck_of(delta):

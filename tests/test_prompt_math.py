@@ -12,18 +12,13 @@ from torch import nn
 import deltatune as dt
 from deltatune.layer import delta_layers
 from deltatune.methods.prompt import PromptDelta
-from zoo import FFN_SIZE, HIDDEN_SIZE, NUM_HEADS, NUM_LAYERS, VOCAB_SIZE, tiny_inputs, tiny_model
+from zoo import FFN_SIZE, HIDDEN_SIZE, NUM_HEADS, NUM_LAYERS, VOCAB_SIZE, randomize_delta, tiny_inputs, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32, the same operations in another order at most
 
 
 def randomize(model, name="default", seed=0, scale=0.5):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in delta_layers(model).values():
-            if name in layer.deltas:
-                for p in layer.deltas[name].parameters():
-                    p.copy_(scale * torch.randn(p.shape, generator=gen))
+    randomize_delta(model, name, seed, scale)
 
 
 def prompt_delta(model, name="default") -> PromptDelta:

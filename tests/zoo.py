@@ -206,3 +206,16 @@ def tiny_inputs(
     if is_seq2seq(arch):
         inputs["decoder_input_ids"] = random_ids()
     return inputs
+
+
+def randomize_delta(model: torch.nn.Module, name: str = "default", seed: int = 0, scale: float = 0.3) -> None:
+    """Overwrite every parameter of delta ``name`` with scale·N(0, 1), so it is far from its init."""
+    from deltatune.layer import delta_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in delta_layers(model).values():
+            if name in layer.deltas:
+                for p in layer.deltas[name].parameters():
+                    p.copy_(scale * torch.randn(p.shape, generator=generator))
+

@@ -8,9 +8,11 @@ a down-projection to m ≪ d, a nonlinearity f, an up-projection back to d and a
 connection: 2md + d + m parameters per adapter. Initialised near the identity: both weights
 drawn from N(0, 10⁻²) truncated at two standard deviations, zero biases (``init="near_identity"``,
 the paper's), or with W_up = 0 so A is exactly the identity (``init="zero_up"``). An optional
-new LayerNorm on the adapter's input (``layer_norm=True``) adds 2d parameters per adapter; to
-re-train the model's own LayerNorms per task, as the paper also does, attach ``ln_tuning``
-beside it.
+new LayerNorm (``layer_norm=True``) adds 2d parameters per adapter, on the adapter's input
+(``layer_norm_position="input"``) or on the up-projection's output (``"output"``:
+A(h) = h + LN(W_up f(W_down h)), the adapter that HyperFormer's hypernetworks generate, see
+:mod:`deltatune.methods.hyper`); to re-train the model's own LayerNorms per task, as the paper
+also does, attach ``ln_tuning`` beside it.
 
 Where each one sits. Every transformer sublayer (attention, feed-forward) ends in an output
 projection (roles ``attn.o`` and ``ffn.down``) whose result goes, after dropout, into the
@@ -51,6 +53,7 @@ from ..sublayers import BesideSublayer, InputTap, link_pairs, with_readers
 
 ACTIVATIONS: dict[str, Any] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 INITS = ("near_identity", "zero_up")
+NORM_POSITIONS = ("input", "output")
 PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_REDUCTION = 16
 NEAR_IDENTITY_STD = 1e-2
@@ -74,28 +77,21 @@ class BottleneckConfig(DeltaConfig):
     activation: str = "relu"
     init: str = "near_identity"
     layer_norm: bool = False
+    layer_norm_position: str = "input"
     param_dtype: str = "auto"
 
     def validate(self) -> None:
         super().validate()
-        if self.bottleneck is not None and self.reduction_factor is not None:
-            raise ConfigError(
-                f"give bottleneck ({self.bottleneck}) or reduction_factor ({self.reduction_factor}), not both"
-            )
-        if self.bottleneck is not None:
-            check_positive_int("bottleneck", self.bottleneck, "the adapter's hidden size m")
-        if self.reduction_factor is not None:
-            check_number("reduction_factor", self.reduction_factor, low=1)
+        check_bottleneck_options(self.bottleneck, self.reduction_factor)
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
         check_choice("init", self.init, INITS)
         check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+        check_choice("layer_norm_position", self.layer_norm_position, NORM_POSITIONS)
         if not isinstance(self.layer_norm, bool):
             raise ConfigError(f"layer_norm must be true or false, got {self.layer_norm!r}")
 
     def bottleneck_size(self, width: int) -> int:
-        if self.bottleneck is not None:
-            return self.bottleneck
-        return max(1, round(width / (self.reduction_factor or DEFAULT_REDUCTION)))
+        return bottleneck_size(width, self.bottleneck, self.reduction_factor)
 
     def accepts(self, module: nn.Module, role: str | None = None) -> bool:
         backend = backend_for(module)
@@ -128,7 +124,24 @@ class BottleneckConfig(DeltaConfig):
         if initialize:
             self.initialize(down, up)
         norm = nn.LayerNorm(width, dtype=dtype, device=device) if self.layer_norm else None
-        return Bottleneck(down, up, ACTIVATIONS[self.activation], norm)
+        return Bottleneck(down, up, ACTIVATIONS[self.activation], norm, norm_on_output=self.layer_norm_position == "output")
+
+
+def check_bottleneck_options(bottleneck: int | None, reduction_factor: float | None) -> None:
+    """The adapter size is given as ``bottleneck`` (m) or ``reduction_factor`` (d / m), not both."""
+    if bottleneck is not None and reduction_factor is not None:
+        raise ConfigError(f"give bottleneck ({bottleneck}) or reduction_factor ({reduction_factor}), not both")
+    if bottleneck is not None:
+        check_positive_int("bottleneck", bottleneck, "the adapter's hidden size m")
+    if reduction_factor is not None:
+        check_number("reduction_factor", reduction_factor, low=1)
+
+
+def bottleneck_size(width: int, bottleneck: int | None, reduction_factor: float | None) -> int:
+    """m: ``bottleneck``, or the width over ``reduction_factor`` (16 when neither is given), at least 1."""
+    if bottleneck is not None:
+        return bottleneck
+    return max(1, round(width / (reduction_factor or DEFAULT_REDUCTION)))
 
 
 def _param_dtype(choice: str, base_dtype: torch.dtype) -> torch.dtype:
@@ -139,21 +152,25 @@ def _param_dtype(choice: str, base_dtype: torch.dtype) -> torch.dtype:
 
 
 class Bottleneck(nn.Module):
-    """W_up f(W_down LN?(h) + b_down) + b_up, computed in the parameters' dtype."""
+    """W_up f(W_down LN?(h) + b_down) + b_up, or LN(W_up f(W_down h + b_down) + b_up) with the
+    norm on the output; computed in the parameters' dtype."""
 
-    def __init__(self, down: nn.Module, up: nn.Module, activation, norm: nn.LayerNorm | None):
+    def __init__(self, down: nn.Module, up: nn.Module, activation, norm: nn.LayerNorm | None,
+                 norm_on_output: bool = False):
         super().__init__()
         self.norm = norm
         self.down = down
         self.up = up
         self.activation = activation
+        self.norm_on_output = norm_on_output
 
     def forward(self, h: Tensor) -> Tensor:
         dtype = next(self.parameters()).dtype
         z = h.to(dtype)
-        if self.norm is not None:
+        if self.norm is not None and not self.norm_on_output:
             z = self.norm(z)
-        return self.up(self.activation(self.down(z)))
+        out = self.up(self.activation(self.down(z)))
+        return self.norm(out) if self.norm is not None and self.norm_on_output else out
 
 
 class SerialAdapter(Delta):
