@@ -10,6 +10,7 @@ CASES = {
     "parallel-attn-learned-scale": lambda: dt.ParallelAdapterConfig(
         bottleneck=4, targets=["attn.o", "ffn.down"], learn_scale=True
     ),
+    "hyperformer": lambda: dt.HyperFormerConfig(bottleneck=4, embedding_dim=8, projector_hidden=16, projected_dim=8),
 }
 # Houlsby's near-identity init: the adapter adds W_up f(W_down h) with weights ~ N(0, 1e-2),
 # i.e. about 1e-3·|h| per layer; the logits move by that much, not by float rounding

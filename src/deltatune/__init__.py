@@ -9,6 +9,8 @@ from .analysis.memory import estimate_memory
 from .analysis.subspace import amplification_factor, subspace_similarity
 from .api import (
     activate,
+    active_block,
+    adapter_drop,
     attach,
     calibrate,
     count_parameters,
@@ -25,15 +27,18 @@ from .api import (
     unmerge,
 )
 from .combine import combine
+from .composition import Average, BatchSplit, Block, Fuse, Parallel, Stack
 from .config import DeltaConfig, config, methods
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.compacter import CompacterConfig, CompacterPlusPlusConfig
 from .methods.far import FARConfig
+from .methods.fusion import FusionConfig
 from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig, KronAResConfig
 from .methods.hybrids import MAMConfig, UniPELTConfig
+from .methods.hyper import HyperFormerConfig, add_task, materialize, set_task, task_route
 from .methods.lora import LoRAConfig
 from .methods.prefix import LlamaAdapterConfig, PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig, PTuningConfig
@@ -52,7 +57,10 @@ __all__ = [
     "prepare_for_kbit_training",
     "quantize",
     "quantized_storage",
+    "Average",
+    "BatchSplit",
     "BitFitConfig",
+    "Block",
     "CheckpointError",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
@@ -61,7 +69,10 @@ __all__ = [
     "DeltaConfig",
     "DeltatuneError",
     "FARConfig",
+    "Fuse",
+    "FusionConfig",
     "HoulsbyConfig",
+    "HyperFormerConfig",
     "IA3Config",
     "KronAConfig",
     "KronAResConfig",
@@ -70,16 +81,21 @@ __all__ = [
     "LoRAConfig",
     "MAMConfig",
     "ModelLoadError",
+    "Parallel",
     "ParallelAdapterConfig",
     "PfeifferConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "PTuningConfig",
     "SparseAdapterConfig",
+    "Stack",
     "TargetError",
     "TopLayersConfig",
     "UniPELTConfig",
     "activate",
+    "active_block",
+    "adapter_drop",
+    "add_task",
     "advise",
     "amplification_factor",
     "attach",
@@ -97,14 +113,17 @@ __all__ = [
     "estimate_memory",
     "fold",
     "load",
+    "materialize",
     "merge",
     "merge_and_detach",
     "methods",
     "plan",
     "route",
     "save",
+    "set_task",
     "subspace_similarity",
     "summary",
+    "task_route",
     "trainable_parameters",
     "unmerge",
 ]

@@ -12,19 +12,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
+import torch
 from torch import nn
 
+from . import composition
 from .anatomy import analyze, iter_modules
 from .backends import backend_for
-from .config import DeltaConfig
+from .composition import Block, Parallel
+from .config import DeltaConfig, check_positive_int
 from .errors import ConfigError, TargetError
 from .layer import DeltaLayer, Routing, delta_layers
+from .methods.fusion import FusionConfig
 from .methods.selective import ParameterCopy
-from .targets import lookup, pattern_matches, select
+from .targets import in_selected_layers, lookup, pattern_matches, select, validate_layers
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: set on the model at the first attach: parameter name -> requires_grad before deltatune froze it
 _SAVED_REQUIRES_GRAD = "_deltatune_requires_grad"
+#: set on the model while a Parallel block is active: the hook that replicates its inputs
+_PARALLEL_HOOK = "_deltatune_parallel_hook"
+#: set on the model while AdapterDrop draws layers per training forward: that pre-hook
+_ADAPTER_DROP_HOOK = "_deltatune_adapter_drop_hook"
 
 
 @dataclass
@@ -107,6 +115,8 @@ def _saved_paths(model: nn.Module, config: DeltaConfig, anatomy) -> list[str]:
 
 def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] | None):
     anatomy = analyze(model)
+    if isinstance(config, FusionConfig):  # goes where its adapters are
+        paths = config.placement(delta_layers(model), paths)
     if paths is None:
         saved = _saved_paths(model, config, anatomy) if config.modules_to_save else []
         selection = select(
@@ -200,6 +210,7 @@ def attach(
     chosen, anatomy = _resolve_paths(model, config, paths)
     _check_quantized_base(model, config, chosen, anatomy)
     built = _build_all(model, config, chosen, anatomy, initialize)
+    fusion = isinstance(config, FusionConfig)
 
     if not delta_layers(model):
         setattr(model, _SAVED_REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
@@ -214,13 +225,34 @@ def attach(
         # new modules start in training mode; on a model in eval mode that would switch on dropout
         layer.training = layer.deltas.training = layer.base.training
         delta.train(layer.base.training)
-        layer.set_active(layer.active + (name,) if activate else layer.active)
+        # a fusion runs only inside its Fuse block, activated below
+        layer.set_active(layer.active + (name,) if activate and not fusion else layer.active)
+    if fusion:
+        if activate:
+            try:
+                _activate_block(model, config.block(name))
+            except ConfigError:
+                detach(model, [name])
+                raise
+        _freeze(model, config.adapters)
     return model
+
+
+def _freeze(model: nn.Module, names: Iterable[str]) -> None:
+    """Stop training the named deltas (AdapterFusion trains over frozen adapters)."""
+    chosen = set(names)
+    for layer in delta_layers(model).values():
+        for name, delta in layer.deltas.items():
+            if name in chosen:
+                delta.requires_grad_(False)
 
 
 def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Remove deltas (all by default), unmerging them first; restores the original modules."""
     chosen = set(_names(model, names, deltas(model)))
+    block = active_block(model)
+    if block is not None and chosen & set(block.names()):
+        _switch_off_block(model)  # a block missing a part would mean something else
     for path, layer in delta_layers(model).items():
         for name in [n for n in layer.deltas if n in chosen]:
             layer.remove(name)
@@ -244,9 +276,30 @@ def _restore_requires_grad(model: nn.Module) -> None:
         p.requires_grad_(saved.get(n, p.requires_grad))
 
 
-def activate(model: nn.Module, names: str | Iterable[str], *, exclusive: bool = True) -> nn.Module:
-    """Make ``names`` active: only them (``exclusive``, i.e. switch) or in addition to the others."""
+def activate(model: nn.Module, names: str | Iterable[str] | Block, *, exclusive: bool = True) -> nn.Module:
+    """Make ``names`` active: only them (``exclusive``, i.e. switch) or in addition to the others.
+
+    ``names`` may be a composition block (``dt.Stack("lang", "task")``, ``dt.Fuse(...)``...,
+    see :mod:`deltatune.composition`): its deltas become the active ones, combined as it says,
+    on every layer holding any of them. Activating plain names switches a block off.
+    """
+    if isinstance(names, Block):
+        if not exclusive:
+            raise ConfigError("a composition block is activated on its own (exclusive=True); put every delta in it")
+        return _activate_block(model, names)
     chosen = _names(model, names, ())
+    infos = deltas(model)
+    fusions = [n for n in chosen if isinstance(infos[n].config, FusionConfig)]
+    if fusions:
+        adapters = ", ".join(map(repr, infos[fusions[0]].config.adapters))
+        raise ConfigError(
+            f"delta {fusions[0]!r} is an AdapterFusion layer; it runs inside its block: "
+            f"dt.activate(model, dt.Fuse({adapters}, fusion={fusions[0]!r}))"
+        )
+    if active_block(model) is not None:
+        if not exclusive:
+            raise ConfigError("a composition block is active; add deltas to the block, or switch to plain names")
+        _switch_off_block(model)
     for layer in delta_layers(model).values():
         keep = () if exclusive else layer.active
         dropped = [n for n in layer.merged if n not in chosen] if exclusive else []
@@ -257,13 +310,144 @@ def activate(model: nn.Module, names: str | Iterable[str], *, exclusive: bool = 
 
 
 def deactivate(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
-    """Make deltas inactive (all by default); their parameters stay attached."""
+    """Make deltas inactive (all by default); their parameters stay attached. Deactivating any
+    delta of an active composition block switches the whole block off."""
     chosen = set(_names(model, names, deltas(model)))
     for layer in delta_layers(model).values():
         merged = [n for n in layer.merged if n in chosen]
         if merged:
             raise ConfigError(f"delta {merged[0]!r} is merged into the weights; unmerge it before deactivating")
+    block = active_block(model)
+    if block is not None and chosen & set(block.names()):
+        _switch_off_block(model)
+    for layer in delta_layers(model).values():
         layer.set_active(n for n in layer.active if n not in chosen)
+    return model
+
+
+def active_block(model: nn.Module) -> Block | None:
+    """The composition block active on ``model``, or None when its active deltas run plainly."""
+    return next((layer.composition for layer in delta_layers(model).values() if layer.composition is not None), None)
+
+
+def _switch_off_block(model: nn.Module) -> None:
+    """Turn the active block off as a whole: none of its deltas stays active."""
+    block = active_block(model)
+    names = set(block.names()) if block is not None else set()
+    for layer in delta_layers(model).values():
+        layer.composition = None
+        layer.set_active(n for n in layer.active if n not in names)
+    hook = model.__dict__.pop(_PARALLEL_HOOK, None)
+    if hook is not None:
+        hook.remove()
+
+
+def _activate_block(model: nn.Module, block: Block) -> nn.Module:
+    names = _names(model, block.names(), ())
+    layers = delta_layers(model)
+    if any(layer.routing is not None for layer in layers.values()):
+        raise ConfigError("a mixed batch is being routed (dt.route); activate a block outside the route() block")
+    merged = [n for layer in layers.values() for n in layer.merged if n not in names]
+    if merged:
+        raise ConfigError(f"delta {merged[0]!r} is merged into the weights; unmerge it before switching away")
+    composition.check(block, layers)
+    _switch_off_block(model)
+    for layer in layers.values():
+        held = [n for n in names if n in layer.deltas]
+        layer.composition = block if held else None
+        layer.set_active(held)
+    if isinstance(block, Parallel):
+        holder = next(layer for layer in layers.values() if layer.composition is block)
+        hook = model.register_forward_pre_hook(_replicate_inputs(block, holder), with_kwargs=True)
+        model.__dict__[_PARALLEL_HOOK] = hook
+    return model
+
+
+#: keyword arguments whose first dimension is not the batch even when it happens to equal it
+_NOT_BATCHED = frozenset({"cache_position"})
+_BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _replicate_inputs(block: Parallel, holder: DeltaLayer):
+    """A forward pre-hook on the model: repeat every batched input k times, replica by replica,
+    while ``block`` is active (checked on ``holder``, a layer it runs on)."""
+    copies = len(block.children)
+
+    def hook(module, args, kwargs):
+        if holder.composition is not block:  # switched off meanwhile (dt.disabled)
+            return None
+        if kwargs.get("past_key_values") is not None:
+            raise ConfigError(
+                f"{block!r} replicates the batch in one forward and cannot continue from a cache "
+                "(generate): repeat the prompts once per branch and generate with "
+                "dt.route(model, [name_1] * B + [name_2] * B + ...) instead"
+            )
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [kwargs[k] for k in _BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)]
+        if not tensors:
+            return None
+        batch = tensors[0].shape[0]
+
+        def repeat(value, key=None):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch and key not in _NOT_BATCHED:
+                return torch.cat([value] * copies)
+            return value
+
+        return tuple(repeat(a) for a in args), {k: repeat(v, k) for k, v in kwargs.items()}
+
+    return hook
+
+
+def adapter_drop(
+    model: nn.Module, layers: Sequence[int] | str | None = None, *, random_max: int | None = None
+) -> nn.Module:
+    """AdapterDrop (Rücklé et al., 2021, "AdapterDrop: On the Efficiency of Adapters in
+    Transformers"): skip every delta inside some transformer blocks.
+
+    ``layers`` (the pattern language's layer selection: ``[0, 1]``, ``"bottom:3"``,
+    ``"2:5"``, counted per stack) are skipped in every forward, training and inference, until
+    ``adapter_drop(model, None)``. ``random_max=n`` additionally skips, in each training-mode
+    forward of the model, the deltas of the first m blocks of each stack, with m drawn
+    uniformly from 0..n (torch's generator; one draw per forward, shared by all layers and
+    kept through gradient checkpointing's re-runs); in eval mode it does nothing. A skipped
+    layer runs its base module alone; deltas outside the blocks (prompts on the embeddings, a
+    head copy) are never skipped. Each call replaces the previous setting; deltas attached
+    afterwards are not covered until the next call.
+    """
+    if isinstance(layers, list):
+        layers = tuple(layers)
+    validate_layers(layers)
+    if random_max is not None:
+        check_positive_int("random_max", random_max, "the most blocks dropped in a training forward")
+    hook = model.__dict__.pop(_ADAPTER_DROP_HOOK, None)
+    if hook is not None:
+        hook.remove()
+    found = delta_layers(model)
+    for layer in found.values():
+        layer.dropped = False
+    if layers is None and random_max is None:
+        return model
+    anatomy = analyze(model)
+    in_blocks = {path: layer for path, layer in found.items() if path in anatomy.layer_of}
+    fixed = {path for path in in_blocks if layers is not None and in_selected_layers(path, layers, anatomy)}
+    reach = {path for path in in_blocks if random_max is not None and anatomy.layer_of[path] < random_max}
+    for path in sorted(fixed | reach):
+        if in_blocks[path].merged:
+            raise ConfigError(
+                f"delta {in_blocks[path].merged[0]!r} is merged into the weights of {path}, so it cannot be "
+                "skipped; unmerge it first"
+            )
+    for path in fixed:
+        in_blocks[path].dropped = True
+    if random_max is not None:
+        blocks = [(layer, anatomy.layer_of[path], path in fixed) for path, layer in in_blocks.items()]
+
+        def draw(module, args):
+            depth = int(torch.randint(0, random_max + 1, ())) if module.training else 0
+            for layer, index, always in blocks:
+                layer.dropped = always or index < depth
+
+        model.__dict__[_ADAPTER_DROP_HOOK] = model.register_forward_pre_hook(draw)
     return model
 
 
@@ -271,20 +455,24 @@ def deactivate(model: nn.Module, names: str | Iterable[str] | None = None) -> nn
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every delta off (merged ones taken out) inside the block."""
     layers = delta_layers(model)
-    saved = {path: (layer.active, layer.merged) for path, layer in layers.items()}
+    saved = {path: (layer.active, layer.merged, layer.composition) for path, layer in layers.items()}
     for layer in layers.values():
         layer.unmerge(layer.merged)
         layer.set_active(())
+        layer.composition = None
     try:
         yield model
     finally:
         for path, layer in layers.items():
-            active, merged = saved[path]
+            active, merged, layer.composition = saved[path]
             layer.merge(merged)
             layer.set_active(active)
 
 
 def _check_mergeable(model: nn.Module, names: list[str]) -> None:
+    if active_block(model) is not None:
+        raise ConfigError("a composition block is active; its outputs cannot be merged into the weights. "
+                          "Activate plain delta names first")
     infos = deltas(model)
     for name in names:
         if not infos[name].config.supports_merge:
@@ -363,8 +551,16 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
     merged = [n for n, i in infos.items() if i.merged]
     if merged:
         raise ConfigError(f"delta {merged[0]!r} is merged into the weights; unmerge it before routing a mixed batch")
+    if active_block(model) is not None:
+        raise ConfigError(
+            f"composition block {active_block(model)!r} is active and decides what each row runs; activate plain "
+            "names before route(), or split the batch with dt.BatchSplit instead"
+        )
     routing = Routing(list(names_per_sample))
     layers = list(delta_layers(model).values())
+    if any(getattr(d, "per_sample_tasks", None) is not None for layer in layers for d in layer.deltas.values()):
+        raise ConfigError("deltatune.task_route is active: a hyperformer delta's per-sample tasks cannot be "
+                          "combined with route(); route its tasks with task_route alone")
     for layer in layers:
         layer.routing = routing
     try:

@@ -177,8 +177,9 @@ def load(
     if name is not None and len(directories) > 1:
         raise CheckpointError(f"{str(path)!r} holds {len(directories)} deltas; load them without a name")
     names = []
-    for directory in directories:
-        meta = _read_meta(directory)
+    # a delta over other deltas (an AdapterFusion over its adapters) loads after them
+    metas = sorted(((d, _read_meta(d)) for d in directories), key=lambda item: bool(item[1]["config"].get("adapters")))
+    for directory, meta in metas:
         config = DeltaConfig.from_dict(meta["config"])
         delta_name = name or meta.get("name", "default")
         weights_path = directory / WEIGHTS_FILE

@@ -193,6 +193,11 @@ class DeltaLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
         self.routing: Routing | None = None
+        #: a composition block (:mod:`deltatune.composition`) that combines the active deltas'
+        #: outputs, set by :func:`deltatune.activate`; None: they run in order
+        self.composition = None
+        #: AdapterDrop (:func:`deltatune.adapter_drop`): run the base module alone
+        self.dropped = False
         self._unmerged: tuple[str, ...] = ()
         self._plain = True
         self._wrapping: tuple[str, ...] = ()
@@ -219,6 +224,8 @@ class DeltaLayer(nn.Module):
         self._holds_wrapping = any(d.wraps_call for d in self.deltas.values())
 
     def forward(self, *args, **kwargs):
+        if self.dropped:
+            return self.base(*args, **kwargs)
         if self._holds_wrapping:  # containers only: linear layers keep their path below
             wrapping = self._routed_wrapping() if self.routing is not None else self._wrapping
             if wrapping:
@@ -228,6 +235,8 @@ class DeltaLayer(nn.Module):
         x, args = args[0], args[1:]
         if self.routing is not None:
             return self._routed_forward(x, args, kwargs)
+        if self.composition is not None:
+            return self.composition(self, x, self.base(x, *args, **kwargs))
         if self._plain:
             out = self.base(x, *args, **kwargs)
             for name in self._unmerged:
@@ -396,7 +405,8 @@ class DeltaLayer(nn.Module):
         self.set_active(n for n in self.active if n != name)
 
     def extra_repr(self) -> str:
-        return f"deltas={list(self.deltas)}, active={list(self.active)}, merged={list(self.merged)}"
+        composed = f", composition={self.composition!r}" if self.composition is not None else ""
+        return f"deltas={list(self.deltas)}, active={list(self.active)}, merged={list(self.merged)}{composed}"
 
 
 def _gathered_low_rank(
