@@ -90,8 +90,11 @@ SetOpt = typer.Option([], "--set", help="any other method option, key=value (rep
 @friendly_errors
 def train(
     model: Optional[str] = ModelOpt,
-    data: Optional[str] = typer.Option(None, help="JSONL/JSON/CSV/Parquet: messages, instruction/input/output, prompt/completion or text"),
-    eval_data: Optional[str] = typer.Option(None, help="held-out file (default: a seeded 10% of --data)"),
+    data: Optional[List[str]] = typer.Option(None, help="JSONL/JSON/CSV/Parquet: messages, instruction/input/output, prompt/completion or text; repeat for several tasks (one per file)"),
+    eval_data: Optional[List[str]] = typer.Option(None, help="held-out file(s) (default: a seeded 10% of --data, per task)"),
+    eval_fraction: Optional[float] = typer.Option(None, help="share of --data held out when there is no --eval-data (default 0.1, per task)"),
+    task_field: Optional[str] = typer.Option(None, help="record field naming each example's task (default 'task')"),
+    from_delta: Optional[str] = typer.Option(None, help="start from saved deltas; a hyperformer delta learns new tasks' embeddings only"),
     method: Optional[str] = typer.Option(None, help="delta method (default lora)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of these options; flags override it"),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="where the delta, checkpoints and summary go"),
@@ -128,7 +131,8 @@ def train(
     from ..train.trainer import Trainer, TrainSettings
 
     flags = dict(
-        model=model, data=data, eval_data=eval_data, method=method, output_dir=output_dir, name=name,
+        model=model, data=_one_or_many(data), eval_data=_one_or_many(eval_data), eval_fraction=eval_fraction, task_field=task_field,
+        from_delta=from_delta, method=method, output_dir=output_dir, name=name,
         epochs=epochs, max_steps=max_steps, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, completion_only=completion_only, group_by_length=group_by_length,
@@ -136,11 +140,15 @@ def train(
         resume=resume, seed=seed, bf16=bf16, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
     )
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
-    if output_dir is None and config is None and data is None:
+    if output_dir is None and config is None and not data:
         flags["output_dir"] = "runs/demo"
     settings = (TrainSettings.from_file(config, **flags) if config else TrainSettings.from_mapping({}, **flags))
     result = Trainer(settings, log=lambda m: console.print(m, highlight=False), progress=progress).run()
     _print_result(result)
+
+
+def _one_or_many(values: Optional[List[str]]):
+    return None if not values else values[0] if len(values) == 1 else list(values)
 
 
 def _print_result(result) -> None:
@@ -149,11 +157,17 @@ def _print_result(result) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    table.add_row("exact match", fmt(result.before.exact_match), fmt(result.after.exact_match))
-    table.add_row("loss", f"{result.before.loss:.4f}", f"{result.after.loss:.4f}")
+    label = " (mean over tasks)" if result.after.per_task else ""
+    table.add_row(f"exact match{label}", fmt(result.before.exact_match), fmt(result.after.exact_match))
+    table.add_row(f"loss{label}", f"{result.before.loss:.4f}", f"{result.after.loss:.4f}")
+    for task, after in result.after.per_task.items():
+        before = result.before.per_task[task]
+        table.add_row(f"{task}: exact match", fmt(before["exact_match"]), fmt(after["exact_match"]))
+        table.add_row(f"{task}: loss", f"{before['loss']:.4f}", f"{after['loss']:.4f}")
     console.print(table)
     for before, after in zip(result.before.samples, result.after.samples):
-        console.print(f"[bold]prompt[/] {before['prompt']!r}  [bold]reference[/] {before['reference']!r}", highlight=False)
+        task = f"[bold]{before['task']}[/] " if "task" in before else ""
+        console.print(f"{task}[bold]prompt[/] {before['prompt']!r}  [bold]reference[/] {before['reference']!r}", highlight=False)
         console.print(f"   before: {before['prediction']!r}\n   after:  {after['prediction']!r}", highlight=False)
     console.print(result.summary_line, highlight=False)
     console.print(

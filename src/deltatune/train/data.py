@@ -29,6 +29,7 @@ other needs per-example attention masks that not every attention backend support
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import random
@@ -69,12 +70,14 @@ class Example:
     ``prompt`` is either the chat turns before the answer (a tuple of ``{"role", "content"}``
     dicts, rendered with the chat template) or raw text used verbatim (``""`` for plain-text
     data, where the whole example is the completion). ``source`` says where it came from
-    (``"train.jsonl line 17"``) for error messages.
+    (``"train.jsonl line 17"``) for error messages. ``task`` names the task of a multi-task
+    data set (a record's task field, or its file's name), None in single-task data.
     """
 
     prompt: str | tuple[dict[str, str], ...]
     completion: str
     source: str = ""
+    task: str | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -96,8 +99,11 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return [record for _, record in _read_located_records(Path(path))]
 
 
-def load_examples(path: str | Path) -> list[Example]:
+def load_examples(path: str | Path, *, task_field: str = "task", default_task: str | None = None) -> list[Example]:
     """Read a data file and normalise every record to an :class:`Example`.
+
+    A record's ``task_field`` (if present) names its task; records without one get
+    ``default_task``.
 
     Raises:
         DataError: the file is missing, empty or malformed, its layout is unknown, or a
@@ -108,10 +114,15 @@ def load_examples(path: str | Path) -> list[Example]:
     first_location, first_record = located[0]
     layout = detect_layout(first_record, f"{path.name} {first_location}")
     detected_from = f"layout '{layout}', detected from {first_location}"
-    return [
-        _to_example(record, layout, f"{path.name} {location}", detected_from)
-        for location, record in located
-    ]
+    examples = []
+    for location, record in located:
+        where = f"{path.name} {location}"
+        example = _to_example(record, layout, where, detected_from)
+        task = record.get(task_field, default_task)
+        if task is not None and (not isinstance(task, str) or not task):
+            raise DataError(f"{where}: field '{task_field}' must name a task (a non-empty string), got {task!r}")
+        examples.append(dataclasses.replace(example, task=task) if task is not None else example)
+    return examples
 
 
 def _read_located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -365,9 +376,13 @@ def tokenize_examples(
     features, skipped = [], []
     for example in examples:
         try:
-            features.append(tokenize_example(tokenizer, example, max_length, completion_only))
+            feature = tokenize_example(tokenizer, example, max_length, completion_only)
         except PromptTooLongError:
             skipped.append(example.source)
+            continue
+        if example.task is not None:  # the collator stacks token lists only; the task rides along
+            feature["task"] = example.task
+        features.append(feature)
     if skipped:
         logger.warning(
             "skipped %d example(s) whose prompt is longer than max_length=%d (first: %s)",

@@ -7,10 +7,19 @@ main process evaluates, prints and writes files.
 Nothing is lost on interruption: Ctrl-C (or SIGTERM) writes a checkpoint of the delta, the
 optimizer, the schedule and the step, and ``--resume`` continues from the newest checkpoint
 with the same data order.
+
+Several tasks train in one run when the data names them (several ``--data`` files, one task
+each, or a task field in the records): with ``--method hyperformer`` one shared hypernetwork
+serves them all (each batch mixes tasks through :func:`deltatune.task_route`); with any other
+method each task gets its own delta, named after the task, and each batch routes every sample
+to its task's delta (:func:`deltatune.route`). Evaluation is per task. ``--from-delta`` starts
+from saved deltas; a hyperformer delta given tasks it does not know learns only their new task
+embeddings, everything else frozen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -28,11 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
-from ..api import after_optimizer_step, attach, calibrate, trainable_parameters
+from ..api import activate, after_optimizer_step, attach, calibrate, deltas, route, trainable_parameters
 from ..config import config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
+from ..io import load as load_delta
 from ..io import save as save_delta
 from ..layer import delta_layers
+from ..methods.hyper import add_task, set_task, task_route
 from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
 from ..report import summary
 from .data import (
@@ -58,8 +69,10 @@ class TrainSettings:
     """Every option of ``deltatune train``; the field names are the CLI flags."""
 
     model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
+    data: str | list[str] | None = None  # several files: one task each (unless records name theirs)
+    eval_data: str | list[str] | None = None
+    task_field: str = "task"
+    from_delta: str | None = None  # start from saved deltas instead of new ones
     eval_fraction: float = 0.1
     method: str = "lora"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -148,9 +161,12 @@ class TrainSettings:
 
 @dataclass
 class Evaluation:
+    """Held-out results; with several tasks, the means over tasks and each task's own."""
+
     exact_match: float | None
     loss: float
     samples: list[dict[str, str]]
+    per_task: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,20 +184,65 @@ class TrainResult:
     optimizer: str = "adamw"  # the one used (a paged optimizer without CUDA runs unpaged)
     peak_memory_bytes: int = 0  # whole run, loading included (see peak_memory_bytes())
     training_peak_memory_bytes: int = 0  # from the first training step on: weights, activations, optimizer
+    train_losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss, this process's steps
+
+
+def _files(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _read_files(files: list[str], task_field: str, single_task: str | None = None) -> list[Example]:
+    """Examples of every file. A record without a task gets its file's name when there are
+    several files, else ``single_task`` (which may be None: no task)."""
+    examples = []
+    for path in files:
+        default = Path(path).stem if len(files) > 1 else single_task
+        examples.extend(load_examples(path, task_field=task_field, default_task=default))
+    return examples
+
+
+def _hold_out(examples: list[Example], settings: TrainSettings, what: str) -> tuple[list[Example], list[Example]]:
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    held = max(1, int(len(examples) * settings.eval_fraction))
+    if held >= len(examples):
+        raise DataError(f"{what} has {len(examples)} example(s): too few to hold some out for evaluation")
+    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
 
 
 def _split_data(settings: TrainSettings) -> tuple[list[Example], list[Example]]:
     if settings.data is None:
         return load_examples(demo_data_path("train")), load_examples(demo_data_path("test"))
-    train = load_examples(settings.data)
+    files = _files(settings.data)
+    # a hypernetwork always conditions on a task: one file is one task, named like the file
+    named = Path(files[0]).stem if settings.method == "hyperformer" else None
+    train = _read_files(files, settings.task_field, named)
+    tasks = task_names(train)
     if settings.eval_data is not None:
-        return train, load_examples(settings.eval_data)
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(len(train), generator=generator).tolist()
-    held = max(1, int(len(train) * settings.eval_fraction))
-    if held >= len(train):
-        raise DataError(f"{settings.data} has {len(train)} example(s): too few to hold some out for evaluation")
-    return [train[i] for i in order[held:]], [train[i] for i in order[:held]]
+        held_out = _read_files(_files(settings.eval_data), settings.task_field, tasks[0] if len(tasks) == 1 else None)
+        unknown = sorted(set(task_names(held_out)) - set(tasks))
+        if unknown:
+            raise DataError(f"the held-out data has tasks {unknown} that the training data has not; training tasks: {tasks}")
+        return train, held_out
+    if not tasks:
+        return _hold_out(train, settings, ", ".join(files))
+    # every task keeps its own held-out share
+    parts = [_hold_out([e for e in train if e.task == task], settings, f"task {task!r}") for task in tasks]
+    return [e for kept, _ in parts for e in kept], [e for _, held in parts for e in held]
+
+
+def task_names(examples: list[Example]) -> list[str]:
+    """The tasks of a data set in order of appearance; [] when it has none. Mixing examples
+    with and without a task is an error naming one of each."""
+    tasks = list(dict.fromkeys(e.task for e in examples))
+    if None in tasks and len(tasks) > 1:
+        with_task = next(e for e in examples if e.task is not None)
+        without = next(e for e in examples if e.task is None)
+        raise DataError(
+            f"{without.source} has no task but {with_task.source} has task {with_task.task!r}: "
+            "give every record a task, or none"
+        )
+    return [t for t in tasks if t is not None]
 
 
 def _keeps_logits_subset(model: nn.Module) -> bool:
@@ -211,7 +272,28 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: 
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
+def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings,
+             tasks: "TaskDeltas | None" = None) -> Evaluation:
+    """Held-out loss and exact match; with several tasks, each task's with its own delta
+    selected, and their means."""
+    if tasks is None or not tasks.names:
+        return _evaluate_one(model, tokenizer, examples, features, settings)
+    per_task = {}
+    for task in tasks.names:
+        tasks.select(model, task)
+        per_task[task] = _evaluate_one(model, tokenizer, [e for e in examples if e.task == task],
+                                       [f for f in features if f.get("task") == task], settings)
+    tasks.select_all(model)
+    scores = [r.exact_match for r in per_task.values()]
+    return Evaluation(
+        exact_match=None if None in scores else sum(scores) / len(scores),
+        loss=sum(r.loss for r in per_task.values()) / len(per_task),
+        samples=[{"task": task, **sample} for task, r in per_task.items() for sample in r.samples],
+        per_task={task: {"exact_match": r.exact_match, "loss": r.loss} for task, r in per_task.items()},
+    )
+
+
+def _evaluate_one(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
     loss = held_out_loss(model, tokenizer, features)
     chosen = examples[: settings.eval_limit] if settings.eval_limit else examples
     score = None
@@ -234,6 +316,84 @@ def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world:
                                 group_by_length=settings.group_by_length)
         yield from batches[rank::world]
         epoch += 1
+
+
+@dataclass
+class TaskDeltas:
+    """How the tasks of a run map to deltas: ``hyper`` names the one hyperformer delta serving
+    every task; otherwise each task has a delta of its own name. No tasks: single-task run."""
+
+    names: list[str]
+    hyper: str | None = None
+
+    def batch(self, model: nn.Module, tasks: list[str | None]):
+        """The context a batch with these per-sample tasks runs in."""
+        if not self.names:
+            return contextlib.nullcontext()
+        if self.hyper is not None:
+            return task_route(model, tasks, self.hyper)
+        return route(model, tasks)
+
+    def select(self, model: nn.Module, task: str) -> None:
+        if self.hyper is not None:
+            set_task(model, task, self.hyper)
+        else:
+            activate(model, task)
+
+    def select_all(self, model: nn.Module) -> None:
+        if self.hyper is None:
+            activate(model, self.names)
+
+
+def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log) -> tuple[list[str], TaskDeltas]:
+    """Attach the run's deltas (or load them, with ``from_delta``); returns the delta names."""
+    delta_config = settings.delta_config()
+    hyper = delta_config.method == "hyperformer"
+    if settings.from_delta is not None:
+        return _load_for_tasks(model, settings, tasks, log)
+    if not tasks:
+        attach(model, delta_config, settings.name)
+        return [settings.name], TaskDeltas([])
+    if hyper:
+        attach(model, delta_config.replace(tasks=tuple(tasks)), settings.name)
+        return [settings.name], TaskDeltas(tasks, hyper=settings.name)
+    if not delta_config.supports_mixed_batch:
+        raise ConfigError(
+            f"method {delta_config.method!r} cannot run mixed batches, so its {len(tasks)} task deltas "
+            "cannot train together; train one run per task, or use --method hyperformer"
+        )
+    for task in tasks:
+        attach(model, delta_config, task)
+    log(f"tasks: {', '.join(tasks)}: one {delta_config.method} delta each, trained together in mixed batches")
+    return list(tasks), TaskDeltas(list(tasks))
+
+
+def _load_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log) -> tuple[list[str], TaskDeltas]:
+    names = load_delta(model, settings.from_delta)
+    infos = deltas(model)
+    hypers = [n for n in names if infos[n].config.method == "hyperformer"]
+    if hypers:
+        name = hypers[0]
+        known = infos[name].config.tasks
+        new = [t for t in tasks if t not in known]
+        if new and len(new) != len(tasks):
+            raise ConfigError(
+                f"--from-delta {settings.from_delta}: the data mixes tasks the delta has {sorted(set(tasks) - set(new))} "
+                f"with new ones {new}; new tasks train alone (only their embeddings learn)"
+            )
+        for task in new:
+            add_task(model, task, name)
+        if new:
+            log(f"new tasks {', '.join(new)}: training only their task embeddings; the hypernetwork stays frozen")
+        return [name], TaskDeltas(tasks, hyper=name if tasks else None)
+    if tasks:
+        missing = [t for t in tasks if t not in names]
+        if missing:
+            raise ConfigError(f"--from-delta {settings.from_delta} has no delta for tasks {missing}; it holds {names}")
+        return list(tasks), TaskDeltas(list(tasks))
+    if len(names) != 1:
+        raise ConfigError(f"--from-delta {settings.from_delta} holds {len(names)} deltas {names}; a single-task run continues one")
+    return names, TaskDeltas([])
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -267,6 +427,7 @@ class Trainer:
         set_seed(s.seed)
 
         train_examples, eval_examples = _split_data(s)
+        tasks = task_names(train_examples)
         log(f"loading model {s.model or 'smollm2-135m-instruct (bundled)'}")
         model, tokenizer = load_model_and_tokenizer(s.model, quantize=s.quantize)
         if s.quantize:
@@ -277,7 +438,8 @@ class Trainer:
         log(f"data: {len(train_features)} training examples, {len(eval_features)} held out")
 
         delta_config = s.delta_config()
-        attach(model, delta_config, s.name)
+        names, task_deltas = attach_for_tasks(model, s, tasks, log)
+        self.names = names
         if s.gradient_checkpointing and not s.quantize:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         collate = PadCollator(tokenizer.pad_token_id)
@@ -286,7 +448,7 @@ class Trainer:
             self._calibrate(model, delta_config, train_features, collate, subset)
         log(str(summary(model)))
 
-        params = trainable_parameters(model, s.name)
+        params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OptimizerFallbackWarning)
             optimizer, optimizer_used = make_optimizer(s.optim, params, lr=s.learning_rate,
@@ -306,7 +468,7 @@ class Trainer:
             step = self._resume(plain_model, optimizer, scheduler)
             log(f"resumed from step {step}")
 
-        before = evaluate(plain_model, tokenizer, eval_examples, eval_features, s) if main else None
+        before = evaluate(plain_model, tokenizer, eval_examples, eval_features, s, task_deltas) if main else None
         if main:
             log(_describe("before", before))
 
@@ -327,22 +489,27 @@ class Trainer:
         train_started = time.perf_counter()
         tokens_seen = 0
         smoothed = None
+        train_losses: list[float] = []
         model.train()
         try:
             while step < total_steps:
+                step_loss = 0.0
                 for _ in range(s.grad_accum):
-                    batch = {k: v.to(accelerator.device) for k, v in collate([train_features[i] for i in next(stream)]).items()}
-                    with accelerator.autocast():
+                    chosen = [train_features[i] for i in next(stream)]
+                    batch = {k: v.to(accelerator.device) for k, v in collate(chosen).items()}
+                    with accelerator.autocast(), task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
                         loss = causal_lm_loss(model, batch, subset)
                     accelerator.backward(loss / s.grad_accum)
                     tokens_seen += int(batch["attention_mask"].sum())
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
+                    step_loss += loss.item() / s.grad_accum
                 if s.max_grad_norm:
                     accelerator.clip_grad_norm_(params, s.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                train_losses.append(step_loss)
                 after_optimizer_step(plain_model, step, total_steps)
                 elapsed = time.perf_counter() - train_started
                 if bar is not None:
@@ -368,18 +535,18 @@ class Trainer:
         training_peak_memory = peak_memory_bytes(accelerator.device)
 
         accelerator.wait_for_everyone()
-        after = evaluate(plain_model, tokenizer, eval_examples, eval_features, s) if main else None
+        after = evaluate(plain_model, tokenizer, eval_examples, eval_features, s, task_deltas) if main else None
         delta_dir = self.output_dir / "delta"
         if main:
             log(_describe("after", after))
-            save_delta(plain_model, delta_dir, s.name)
+            save_delta(plain_model, delta_dir, names)
             tokenizer.save_pretrained(self.output_dir / "tokenizer")
         result = TrainResult(
             settings=s, before=before, after=after, steps=step, train_seconds=train_seconds,
             total_seconds=time.perf_counter() - started,
             tokens_per_second=tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9),
             delta_dir=delta_dir, summary_line=summary(plain_model).headline(), interrupted=interrupted,
-            optimizer=optimizer_used, training_peak_memory_bytes=training_peak_memory,
+            optimizer=optimizer_used, training_peak_memory_bytes=training_peak_memory, train_losses=train_losses,
             peak_memory_bytes=max(run_peak_memory, peak_memory_bytes(accelerator.device)),
         )
         if main:
@@ -398,7 +565,7 @@ class Trainer:
             {k: v.to(device) for k, v in collate([features[i] for i in range(start, min(start + s.batch_size, len(features)))]).items()}
             for start in range(0, min(count * s.batch_size, len(features)), s.batch_size)
         )
-        done = calibrate(model, batches, loss_fn=lambda m, batch: causal_lm_loss(m, batch, subset), names=s.name)
+        done = calibrate(model, batches, loss_fn=lambda m, batch: causal_lm_loss(m, batch, subset), names=self.names)
         if done:
             self.log(f"calibrated {done} modules on {count} batches")
 
@@ -409,12 +576,12 @@ class Trainer:
         staging = root / f".tmp-step-{step:06d}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_delta(model, staging / "delta", self.settings.name)
+        save_delta(model, staging / "delta", self.names)
         # the delta directory holds the inference form (folded prompt encoders); resuming needs
         # the training form, whose parameters the optimizer state belongs to
         training_form = {
-            path: layer.deltas[self.settings.name].state_dict()
-            for path, layer in delta_layers(model).items() if self.settings.name in layer.deltas
+            name: {path: layer.deltas[name].state_dict() for path, layer in delta_layers(model).items() if name in layer.deltas}
+            for name in self.names
         }
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "delta": training_form}, staging / STATE_FILE)
@@ -430,10 +597,13 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint under {self.output_dir / CHECKPOINTS}")
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
         layers = delta_layers(model)
-        if set(state["delta"]) != {p for p, layer in layers.items() if self.settings.name in layer.deltas}:
-            raise ConfigError(f"--resume: {checkpoint} adapts other modules than this run's delta")
-        for path, tensors in state["delta"].items():
-            layers[path].deltas[self.settings.name].load_state_dict(tensors)
+        if set(state["delta"]) != set(self.names):
+            raise ConfigError(f"--resume: {checkpoint} holds deltas {sorted(state['delta'])}, this run has {self.names}")
+        for name, per_path in state["delta"].items():
+            if set(per_path) != {p for p, layer in layers.items() if name in layer.deltas}:
+                raise ConfigError(f"--resume: {checkpoint} adapts other modules than this run's delta {name!r}")
+            for path, tensors in per_path.items():
+                layers[path].deltas[name].load_state_dict(tensors)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -451,6 +621,7 @@ class Trainer:
             "optimizer": result.optimizer,
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
+            "train_losses": [round(loss, 5) for loss in result.train_losses],
             "parameters": result.summary_line,
             "delta": str(result.delta_dir),
         }
