@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import deltatune as dt
+from deltatune.config import standalone_methods
 
 START, END = "<!-- method-results:start -->", "<!-- method-results:end -->"
 
@@ -25,13 +26,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-limit", type=int, default=50)
-    parser.add_argument("--methods", help="comma-separated (default: every registered method)")
+    parser.add_argument("--methods", help="comma-separated (default: every method that trains alone)")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
     parser.add_argument("--fresh", action="store_true", help="retrain methods that already have results")
     parser.add_argument("--write", type=Path, help="a Markdown file whose method-results section to replace")
     args = parser.parse_args()
     comparison = dt.compare_training(
-        args.methods.split(",") if args.methods else dt.methods(), steps=args.steps, batch_size=args.batch_size,
+        args.methods.split(",") if args.methods else standalone_methods(), steps=args.steps, batch_size=args.batch_size,
         eval_limit=args.eval_limit, output_dir=args.output, fresh=args.fresh, progress=False,
     )
     text = comparison.markdown()

@@ -28,6 +28,11 @@ def methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def standalone_methods() -> list[str]:
+    """The methods that train on a bare model (not, e.g., an AdapterFusion over attached adapters)."""
+    return [m for m in methods() if _REGISTRY[m].standalone]
+
+
 def did_you_mean(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -77,6 +82,8 @@ class DeltaConfig:
     #: the peak learning rate ``deltatune train`` uses when none is given; methods differ by
     #: orders of magnitude (a scale vector wants ~1e-2, full copies of whole blocks ~1e-4)
     default_lr: ClassVar[float] = 2e-3
+    #: False for a method that works over other attached deltas and cannot be trained alone
+    standalone: ClassVar[bool] = True
 
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()

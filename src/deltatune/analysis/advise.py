@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .memory import MemoryEstimate, _human, estimate_training_memory, meta_model_from_config
+from .memory import MemoryEstimate, human_bytes, estimate_training_memory, meta_model_from_config
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -75,18 +75,18 @@ class Advice:
         lines = [f"method: {self.method} — {self.reason}",
                  f"trains {self.trainable_params:,} of {self.total_params:,} parameters "
                  f"({100 * self.trainable_params / self.total_params:.3f}%); the saved delta is about "
-                 f"{_human(4 * self.trainable_params)}"]
-        lines.append(f"memory budget {_human(self.budget)}; considered:")
+                 f"{human_bytes(4 * self.trainable_params)}"]
+        lines.append(f"memory budget {human_bytes(self.budget)}; considered:")
         for option in self.considered:
             mark = "fits" if option.fits(self.budget) else "too big"
-            lines.append(f"  {option.description:<48} {_human(option.estimate.total):>10}  {mark}")
-        lines.append(f"  (full fine-tuning, for comparison: {_human(self.full_finetuning.total)})")
+            lines.append(f"  {option.description:<48} {human_bytes(option.estimate.total):>10}  {mark}")
+        lines.append(f"  (full fine-tuning, for comparison: {human_bytes(self.full_finetuning.total)})")
         if self.chosen is None:
             smallest = min(self.considered, key=lambda o: o.estimate.total)
-            lines.append(f"nothing fits: the smallest, {smallest.description}, needs {_human(smallest.estimate.total)}; "
+            lines.append(f"nothing fits: the smallest, {smallest.description}, needs {human_bytes(smallest.estimate.total)}; "
                          "use a smaller model, shorter sequences, or more memory")
         else:
-            lines += [f"advice: {self.chosen.description}, {_human(self.chosen.estimate.total)} "
+            lines += [f"advice: {self.chosen.description}, {human_bytes(self.chosen.estimate.total)} "
                       f"({100 * self.chosen.estimate.total / self.budget:.0f}% of the budget)",
                       f"  {self.command()}", "", str(self.chosen.estimate)]
         return "\n".join(lines)

@@ -14,7 +14,6 @@ again, so an interrupted comparison continues where it stopped (``fresh=True`` r
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import json
 import platform
@@ -22,7 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -39,7 +38,6 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 #: settings that must match for a finished run to be reused
 _SAME_RUN = ("model", "data", "eval_data", "method", "method_options", "max_steps", "batch_size",
              "eval_limit", "max_length", "seed", "lr")
-LOSSES_FILE = "train_losses.json"
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,7 @@ class MethodRun:
     @classmethod
     def from_run_dir(cls, directory: Path) -> "MethodRun":
         summary = json.loads((directory / "summary.json").read_text())
-        losses_path = directory / LOSSES_FILE
-        losses = json.loads(losses_path.read_text()) if losses_path.is_file() else []
+        losses = summary.get("train_losses", [])  # absent in summaries written before it was recorded
         match = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", summary["parameters"])
         if match is None:
             raise ConfigError(f"{directory / 'summary.json'} has no parameter count: {summary['parameters']!r}")
@@ -210,26 +207,6 @@ def _pyplot():
     return plt
 
 
-@contextlib.contextmanager
-def _recording_train_losses(losses: list[float]) -> Iterator[None]:
-    """Record every training micro-batch's loss: the trainer shows only a smoothed one."""
-    from ..train import trainer
-
-    original = trainer.causal_lm_loss
-
-    def recording(model, batch, subset):
-        loss = original(model, batch, subset)
-        if torch.is_grad_enabled():  # training steps, not evaluation
-            losses.append(loss.item())
-        return loss
-
-    trainer.causal_lm_loss = recording
-    try:
-        yield
-    finally:
-        trainer.causal_lm_loss = original
-
-
 def _finished(directory: Path, settings: dict[str, Any]) -> bool:
     summary_path = directory / "summary.json"
     if not summary_path.is_file():
@@ -280,11 +257,7 @@ def compare_training(
         else:
             log(f"[{index}/{len(methods)}] {method}: {steps} steps of batch {batch_size}, lr {settings.learning_rate:g}")
             shutil.rmtree(directory, ignore_errors=True)
-            losses: list[float] = []
-            with _recording_train_losses(losses):
-                Trainer(settings, log=log, progress=progress).run()
-            # the last `steps` are the training steps: calibration (prefix init, FAR, SparseAdapter) comes first
-            (directory / LOSSES_FILE).write_text(json.dumps(losses[-steps:]) + "\n")
+            Trainer(settings, log=log, progress=progress).run()
         run = MethodRun.from_run_dir(directory)
         final = "n/a" if run.final_train_loss is None else f"{run.final_train_loss:.3f}"
         log(f"[{index}/{len(methods)}] {method}: final train loss {final}, held-out loss {run.loss_after:.3f}, "

@@ -61,6 +61,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import check_choice
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory since the last :func:`reset_peak_memory`: CUDA's peak allocation, or on CPU
@@ -134,15 +136,15 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         width = max(len(name) for name, _, _ in self.lines)
-        rows = [f"{name.ljust(width)}  {_human(b):>10}  {formula}" for name, b, formula in self.lines]
-        return "\n".join(rows + [f"{'total'.ljust(width)}  {_human(self.total):>10}"])
+        rows = [f"{name.ljust(width)}  {human_bytes(b):>10}  {formula}" for name, b, formula in self.lines]
+        return "\n".join(rows + [f"{'total'.ljust(width)}  {human_bytes(self.total):>10}"])
 
     def markdown(self) -> str:
-        rows = [f"| {name} | {_human(b)} | {formula} |" for name, b, formula in self.lines]
-        return "\n".join(["| line | bytes | formula |", "|---|---:|---|", *rows, f"| **total** | **{_human(self.total)}** | |"])
+        rows = [f"| {name} | {human_bytes(b)} | {formula} |" for name, b, formula in self.lines]
+        return "\n".join(["| line | bytes | formula |", "|---|---:|---|", *rows, f"| **total** | **{human_bytes(self.total)}** | |"])
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -231,11 +233,11 @@ def estimate_training_memory(
     ``head_positions`` (default ``seq_len``) are the positions the output head runs on;
     ``device`` (cpu or cuda) chooses the overhead line; ``allocator_retention`` (default: on CPU
     under glibc without ``MALLOC_MMAP_THRESHOLD_``) adds the heap's retained activations."""
-    _check("optimizer", optimizer, OPTIMIZERS)
-    _check("device", device, ("cpu", "cuda"))
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("device", device, ("cpu", "cuda"))
     shape = _Shape.of(model)
     if attention is not None:
-        _check("attention", attention, ATTENTION)
+        check_choice("attention", attention, ATTENTION)
     attention = attention or ("eager" if shape.attention == "eager" else "sdpa")  # other kernels keep no scores either
     params = list({id(p): p for p in model.parameters()}.values())
     trainable = [p for p in params if p.requires_grad]
@@ -295,13 +297,6 @@ def estimate_training_memory(
     ))
 
 
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"{name}={value!r} is not valid; allowed: {', '.join(allowed)}")
-
-
 def meta_model_from_config(config, dtype: str = "fp32") -> nn.Module:
     """A causal LM with ``config``'s shapes on the meta device: no memory, no weights. ``config``
     is a transformers config, a config.json path, or a model directory / hub id."""
@@ -309,7 +304,7 @@ def meta_model_from_config(config, dtype: str = "fp32") -> nn.Module:
 
     from ..errors import ModelLoadError
 
-    _check("dtype", dtype, tuple(DTYPES))
+    check_choice("dtype", dtype, tuple(DTYPES))
     if not isinstance(config, PretrainedConfig):
         path = Path(config)
         try:
@@ -369,9 +364,9 @@ class WeightMemory:
         width = max(len(name) for name, _ in self.rows + (("total", ()),))
         head = f"{''.ljust(width)}  " + "  ".join(f"{f:>10}" for f in self.formats)
         lines = [head] + [
-            f"{name.ljust(width)}  " + "  ".join(f"{_human(v):>10}" for v in values) for name, values in self.rows
+            f"{name.ljust(width)}  " + "  ".join(f"{human_bytes(v):>10}" for v in values) for name, values in self.rows
         ]
-        lines.append(f"{'total'.ljust(width)}  " + "  ".join(f"{_human(self.total(i)):>10}" for i in range(len(self.formats))))
+        lines.append(f"{'total'.ljust(width)}  " + "  ".join(f"{human_bytes(self.total(i)):>10}" for i in range(len(self.formats))))
         return "\n".join(lines)
 
 

@@ -33,10 +33,10 @@ def compare_command(
 ):
     """Train several methods on the same model, data and budget; write a report (table, loss
     curves, metric vs trainable %, HTML page). Finished methods are reused on a rerun."""
-    from .. import methods as registered
+    from ..config import standalone_methods
     from ..analysis.compare import DEFAULT_METHODS, compare_training
 
-    chosen = registered() if methods == "all" else [m for m in methods.split(",") if m] if methods else list(DEFAULT_METHODS)
+    chosen = standalone_methods() if methods == "all" else [m for m in methods.split(",") if m] if methods else list(DEFAULT_METHODS)
     comparison = compare_training(
         chosen, model=model, data=data, eval_data=eval_data, steps=steps, batch_size=batch_size,
         eval_limit=eval_limit, max_length=max_length, seed=seed, output_dir=output_dir, fresh=fresh,

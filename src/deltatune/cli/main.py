@@ -317,14 +317,15 @@ def inspect(
     import torch
 
     from .. import config as make_config
-    from ..analysis.memory import DTYPES, _check, _human, estimate_training_memory, weight_memory
+    from ..analysis.memory import DTYPES, estimate_training_memory, human_bytes, weight_memory
+    from ..config import check_choice
     from ..anatomy import analyze
     from ..api import attach
     from ..report import compare, plan, summary
 
     base = meta_model(config_json) if config_json else _load_with_delta(model, None)[0]
     if dtype is not None:
-        _check("dtype", dtype, tuple(DTYPES))
+        check_choice("dtype", dtype, tuple(DTYPES))
         base.to(DTYPES[dtype])
     console.print(analyze(base).describe(), highlight=False)
     if method == "all":
@@ -345,8 +346,8 @@ def inspect(
     console.print("\ntraining memory estimate (formulas: deltatune.analysis.memory):", highlight=False)
     console.print(str(estimate_training_memory(base, **estimate_settings)), highlight=False)
     if memory:
-        console.print(f"full fine-tuning, same settings: {_human(full.total)} (weights {_human(full['model weights'])}, "
-                      f"gradients {_human(full['gradients'])}, optimizer {_human(full.lines[2][1])})", highlight=False)
+        console.print(f"full fine-tuning, same settings: {human_bytes(full.total)} (weights {human_bytes(full['model weights'])}, "
+                      f"gradients {human_bytes(full['gradients'])}, optimizer {human_bytes(full.lines[2][1])})", highlight=False)
     if quantize is not None:
         from ..quant import check_scheme
         from ..train.optim import check_optimizer

@@ -88,6 +88,7 @@ class FusionConfig(DeltaConfig):
     method: ClassVar[str] = "fusion"
     adapts: ClassVar[str] = "the layers that hold the adapters it fuses"
     default_lr: ClassVar[float] = 5e-5  # the paper's learning rate for the fusion stage
+    standalone: ClassVar[bool] = False
 
     adapters: tuple[str, ...] = ()
     temperature: float = 1.0
