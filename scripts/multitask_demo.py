@@ -13,7 +13,7 @@ equivalent command lines are printed), then prints per-task held-out exact match
 and after each step. A finished step's ``summary.json`` is reused (``--fresh`` reruns).
 ``--write README.md`` replaces the section between the ``multitask-results`` markers.
 
-    python scripts/multitask_demo.py [--steps 80] [--new-task-steps 40] [--write README.md]
+    python scripts/multitask_demo.py [--steps 160] [--new-task-steps 40] [--write README.md]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def rows(step: str, summary: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("runs/multitask"))
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--new-task-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--new-task-lr", type=float, default=3e-2)
