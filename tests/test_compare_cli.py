@@ -11,22 +11,8 @@ from typer.testing import CliRunner
 import deltatune as dt
 from deltatune.analysis.compare import DEFAULT_METHODS, MethodRun
 from deltatune.cli.main import app
-from tiny_hub import save_tiny_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "upper.jsonl"
-    words = ["cat", "dog", "sun", "map", "box", "pen", "cup", "hat", "bus", "egg", "fox", "jam"]
-    path.write_text("".join(json.dumps({"instruction": "Upper-case:", "input": w, "output": w.upper()}) + "\n" for w in words))
-    return path
 
 
 def compare(tiny_dir, data_file, out, *extra):

@@ -13,16 +13,10 @@ from deltatune.cli.main import app
 from deltatune.errors import DataError
 from deltatune.train.data import load_examples
 from deltatune.train.trainer import TrainSettings, _split_data, task_names
-from tiny_hub import save_tiny_model
 
 runner = CliRunner()
 WORDS = ["cat", "dog", "sun", "map", "box", "pen", "cup", "hat", "bus", "egg", "fox", "jam", "ink", "owl", "rug", "tea"]
 TASKS = {"upper": str.upper, "reverse": lambda w: w[::-1], "double": lambda w: w + w}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def write_task(path, task, with_field=False):
