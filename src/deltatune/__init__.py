@@ -29,6 +29,7 @@ from .api import (
 from .combine import combine
 from .composition import Average, BatchSplit, Block, Fuse, Parallel, Stack
 from .config import DeltaConfig, config, methods
+from .heads import TaskHead
 from .errors import CheckpointError, ConfigError, DataError, DeltatuneError, ModelLoadError, TargetError
 from .io import load, save
 from .methods.adapters import HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig
@@ -90,6 +91,7 @@ __all__ = [
     "SparseAdapterConfig",
     "Stack",
     "TargetError",
+    "TaskHead",
     "TopLayersConfig",
     "UniPELTConfig",
     "activate",

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from . import composition
-from .anatomy import analyze, iter_modules
-from .backends import backend_for
+from .anatomy import analyze, is_linear_like, iter_modules
+from .backends import backend_for, layer_backend
 from .composition import Block, Parallel
 from .config import DeltaConfig, check_positive_int
 from .errors import ConfigError, TargetError
+from .heads import HeadLayer
+from .heads import resolve as resolve_head
 from .layer import DeltaLayer, Routing, delta_layers
 from .methods.fusion import FusionConfig
 from .methods.selective import ParameterCopy
@@ -86,7 +88,10 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def _trains_copy(config: DeltaConfig, path: str, modules: dict[str, nn.Module], anatomy) -> bool:
-    """Whether ``path`` is (inside) one of the config's ``modules_to_save``, trained as a full copy."""
+    """Whether ``path`` is (inside) one of the config's ``modules_to_save``, or one of its task
+    head's other layers, trained as a full copy."""
+    if config.task_head is not None and path in (config.task_head.train or ()):
+        return True
     if not config.modules_to_save:
         return False
     parts = path.split(".")
@@ -117,8 +122,11 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
     anatomy = analyze(model)
     if isinstance(config, FusionConfig):  # goes where its adapters are
         paths = config.placement(delta_layers(model), paths)
+    head = config.task_head
     if paths is None:
         saved = _saved_paths(model, config, anatomy) if config.modules_to_save else []
+        if head is not None:
+            saved = [p for p in saved if p not in head.paths()] + list(head.paths())
         selection = select(
             model,
             config.target_spec,
@@ -130,14 +138,17 @@ def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] |
             adapts=config.adapts,
             anatomy=anatomy,
         )
-        # a module trained as a full copy needs no other delta of the same config
+        # a module trained as a full copy (or a head) needs no other delta of the same config
         adapted = [p for p in config.expand(list(selection.paths), anatomy) if p not in saved]
         return adapted + saved, anatomy
     modules = dict(iter_modules(model))
     for path in paths:
         if path not in modules:
             raise TargetError(f"module {path!r} does not exist in this model")
-        if _trains_copy(config, path, modules, anatomy):
+        if head is not None and path == head.module:
+            if not is_linear_like(_base_of(modules[path])):
+                raise TargetError(f"task_head module {path} is {type(_base_of(modules[path])).__name__}, not a linear layer")
+        elif _trains_copy(config, path, modules, anatomy):
             if not _has_own_parameters(modules[path]):
                 raise TargetError(f"modules_to_save: {path} ({type(modules[path]).__name__}) has no parameters of its own")
         elif not config.accepts(modules[path], anatomy.role_of.get(path)):
@@ -178,7 +189,9 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
         options["anatomy"] = anatomy
         if device is not None:
             options["device"] = device
-        if _trains_copy(config, path, modules, anatomy):
+        if config.task_head is not None and path == config.task_head.module:
+            copies[path] = HeadLayer(config, layer_backend(_base_of(base)), initialize, device)
+        elif _trains_copy(config, path, modules, anatomy):
             copies[path] = ParameterCopy(config, _base_of(base), initialize, device)
         else:
             built[path] = config.build(path, base, options, initialize=initialize)
@@ -207,6 +220,8 @@ def attach(
         raise ConfigError(f"delta name must be letters, digits, '_' or '-', got {name!r}")
     if any(name in layer.deltas for layer in delta_layers(model).values()):  # not deltas(): no counting
         raise ConfigError(f"a delta named {name!r} is already attached; detach it first or choose another name")
+    if config.task_head is not None and paths is None:
+        config = config.replace(task_head=resolve_head(model, config.task_head, analyze(model)))
     chosen, anatomy = _resolve_paths(model, config, paths)
     _check_quantized_base(model, config, chosen, anatomy)
     built = _build_all(model, config, chosen, anatomy, initialize)

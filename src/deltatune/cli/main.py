@@ -90,10 +90,14 @@ SetOpt = typer.Option([], "--set", help="any other method option, key=value (rep
 @friendly_errors
 def train(
     model: Optional[str] = ModelOpt,
-    data: Optional[List[str]] = typer.Option(None, help="JSONL/JSON/CSV/Parquet: messages, instruction/input/output, prompt/completion or text; repeat for several tasks (one per file)"),
+    task: Optional[str] = typer.Option(None, help="an encoder task with a task head: classify | multilabel | regression | tag (default: the bundled all-MiniLM-L6-v2 on bundled data); none: language modelling"),
+    data: Optional[List[str]] = typer.Option(None, help="JSONL/JSON/CSV/Parquet: messages, instruction/input/output, prompt/completion or text; repeat for several tasks (one per file). With --task: text [, text_pair] and label / labels / score, or tokens and tags"),
     eval_data: Optional[List[str]] = typer.Option(None, help="held-out file(s) (default: a seeded 10% of --data, per task)"),
     eval_fraction: Optional[float] = typer.Option(None, help="share of --data held out when there is no --eval-data (default 0.1, per task)"),
     task_field: Optional[str] = typer.Option(None, help="record field naming each example's task (default 'task')"),
+    text_field: Optional[str] = typer.Option(None, help="--task: the field holding the text (default 'text'; 'tokens' for tag)"),
+    pair_field: Optional[str] = typer.Option(None, help="--task: the field holding a second text (default 'text_pair' when present)"),
+    label_field: Optional[str] = typer.Option(None, help="--task: the label field (default label | labels | score | tags by task)"),
     from_delta: Optional[str] = typer.Option(None, help="start from saved deltas; a hyperformer delta learns new tasks' embeddings only"),
     method: Optional[str] = typer.Option(None, help="delta method (default lora)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of these options; flags override it"),
@@ -131,7 +135,8 @@ def train(
     from ..train.trainer import Trainer, TrainSettings
 
     flags = dict(
-        model=model, data=_one_or_many(data), eval_data=_one_or_many(eval_data), eval_fraction=eval_fraction, task_field=task_field,
+        model=model, task=task, data=_one_or_many(data), eval_data=_one_or_many(eval_data), eval_fraction=eval_fraction,
+        task_field=task_field, text_field=text_field, pair_field=pair_field, label_field=label_field,
         from_delta=from_delta, method=method, output_dir=output_dir, name=name,
         epochs=epochs, max_steps=max_steps, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
@@ -141,7 +146,7 @@ def train(
     )
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     if output_dir is None and config is None and not data:
-        flags["output_dir"] = "runs/demo"
+        flags["output_dir"] = f"runs/demo-{task}" if task else "runs/demo"
     settings = (TrainSettings.from_file(config, **flags) if config else TrainSettings.from_mapping({}, **flags))
     result = Trainer(settings, log=lambda m: console.print(m, highlight=False), progress=progress).run()
     _print_result(result)
@@ -158,7 +163,11 @@ def _print_result(result) -> None:
     table.add_column("after", justify="right")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     label = " (mean over tasks)" if result.after.per_task else ""
-    table.add_row(f"exact match{label}", fmt(result.before.exact_match), fmt(result.after.exact_match))
+    if result.after.metrics:
+        for metric, after in result.after.metrics.items():
+            table.add_row(metric.replace("_", " "), fmt(result.before.metrics.get(metric)), fmt(after))
+    else:
+        table.add_row(f"exact match{label}", fmt(result.before.exact_match), fmt(result.after.exact_match))
     table.add_row(f"loss{label}", f"{result.before.loss:.4f}", f"{result.after.loss:.4f}")
     for task, after in result.after.per_task.items():
         before = result.before.per_task[task]
@@ -167,7 +176,8 @@ def _print_result(result) -> None:
     console.print(table)
     for before, after in zip(result.before.samples, result.after.samples):
         task = f"[bold]{before['task']}[/] " if "task" in before else ""
-        console.print(f"{task}[bold]prompt[/] {before['prompt']!r}  [bold]reference[/] {before['reference']!r}", highlight=False)
+        shown = "text" if "text" in before else "prompt"
+        console.print(f"{task}[bold]{shown}[/] {before[shown]!r}  [bold]reference[/] {before['reference']!r}", highlight=False)
         console.print(f"   before: {before['prediction']!r}\n   after:  {after['prediction']!r}", highlight=False)
     console.print(result.summary_line, highlight=False)
     console.print(

@@ -81,8 +81,8 @@ class Fusion(Delta):
 class FusionConfig(DeltaConfig):
     """AdapterFusion over the attached adapters named in ``adapters`` (module docstring).
 
-    It goes wherever those adapters are, so ``targets``, ``exclude``, ``layers`` and
-    ``modules_to_save`` are not options here. ``temperature`` is T.
+    It goes wherever those adapters are, so ``targets``, ``exclude``, ``layers``,
+    ``modules_to_save`` and ``task_head`` are not options here. ``temperature`` is T.
     """
 
     method: ClassVar[str] = "fusion"
@@ -110,7 +110,7 @@ class FusionConfig(DeltaConfig):
         for option in ("targets", "layers"):
             if getattr(self, option) is not None:
                 raise ConfigError(f"fusion takes no {option}: it goes on every layer that holds its adapters")
-        for option in ("exclude", "modules_to_save"):
+        for option in ("exclude", "modules_to_save", "task_head"):
             if getattr(self, option):
                 raise ConfigError(f"fusion takes no {option}: it goes on every layer that holds its adapters")
         check_number("temperature", self.temperature, low=0, low_open=True)

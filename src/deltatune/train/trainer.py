@@ -15,6 +15,11 @@ method each task gets its own delta, named after the task, and each batch routes
 to its task's delta (:func:`deltatune.route`). Evaluation is per task. ``--from-delta`` starts
 from saved deltas; a hyperformer delta given tasks it does not know learns only their new task
 embeddings, everything else frozen.
+
+``--task classify|multilabel|regression|tag`` trains an encoder (or a decoder used as a
+classifier) on labelled data instead: the base is loaded as a sequence or token
+classification model, the delta gets a task head (:mod:`deltatune.heads`) sized to the
+training data's labels, and evaluation reports the task's metrics (:mod:`.labelled`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ..analysis.memory import peak_memory_bytes, reset_peak_memory
 from ..api import activate, after_optimizer_step, attach, calibrate, deltas, route, trainable_parameters
 from ..config import config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
+from ..heads import TASKS, TaskHead
 from ..io import load as load_delta
 from ..io import save as save_delta
 from ..layer import delta_layers
@@ -57,6 +63,18 @@ from .data import (
     tokenize_examples,
 )
 from .evaluate import evaluate_loss, exact_match, generate_completions
+from .labelled import (
+    HEADLINE_METRIC,
+    LabelledCollator,
+    check_labels,
+    describe_label,
+    evaluate_task,
+    label_set,
+    load_labelled,
+    majority_share,
+    task_loss,
+    tokenize_labelled,
+)
 from .optim import OptimizerFallbackWarning, check_optimizer, make_optimizer
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -69,9 +87,13 @@ class TrainSettings:
     """Every option of ``deltatune train``; the field names are the CLI flags."""
 
     model: str | None = None
+    task: str | None = None  # classify | multilabel | regression | tag: an encoder task; None: language modelling
     data: str | list[str] | None = None  # several files: one task each (unless records name theirs)
     eval_data: str | list[str] | None = None
     task_field: str = "task"
+    text_field: str | None = None  # encoder tasks: the fields holding the text, its pair and its label
+    pair_field: str | None = None
+    label_field: str | None = None
     from_delta: str | None = None  # start from saved deltas instead of new ones
     eval_fraction: float = 0.1
     method: str = "lora"
@@ -121,6 +143,8 @@ class TrainSettings:
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.quantize is not None:
             check_scheme(self.quantize)
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not valid; allowed: {', '.join(TASKS)}")
         check_optimizer(self.optim)
         # fail now, not after the model has loaded, on a bad method or option
         self.delta_config()
@@ -167,6 +191,7 @@ class Evaluation:
     loss: float
     samples: list[dict[str, str]]
     per_task: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # an encoder task's (accuracy, F1...)
 
 
 @dataclass
@@ -185,6 +210,7 @@ class TrainResult:
     peak_memory_bytes: int = 0  # whole run, loading included (see peak_memory_bytes())
     training_peak_memory_bytes: int = 0  # from the first training step on: weights, activations, optimizer
     train_losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss, this process's steps
+    baseline: dict[str, Any] = field(default_factory=dict)  # an encoder task's floor (majority class)
 
 
 def _files(value: str | list[str] | None) -> list[str]:
@@ -345,9 +371,10 @@ class TaskDeltas:
             activate(model, self.names)
 
 
-def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log) -> tuple[list[str], TaskDeltas]:
+def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log,
+                     delta_config=None) -> tuple[list[str], TaskDeltas]:
     """Attach the run's deltas (or load them, with ``from_delta``); returns the delta names."""
-    delta_config = settings.delta_config()
+    delta_config = delta_config or settings.delta_config()
     hyper = delta_config.method == "hyperformer"
     if settings.from_delta is not None:
         return _load_for_tasks(model, settings, tasks, log)
@@ -396,6 +423,157 @@ def _load_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str],
     return names, TaskDeltas([])
 
 
+class LanguageModeling:
+    """What ``deltatune train`` optimises on instruction data: next-token cross-entropy on the
+    answers; evaluation by held-out loss and greedy exact match."""
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        self.subset = False
+        self.baseline: dict[str, Any] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model or "smollm2-135m-instruct (bundled)"
+
+    def split(self) -> tuple[list[Example], list[Example]]:
+        return _split_data(self.settings)
+
+    def delta_config(self, train_examples: list) -> Any:
+        return self.settings.delta_config()
+
+    def load(self) -> tuple[nn.Module, Any]:
+        from ..models import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(self.settings.model, quantize=self.settings.quantize)
+
+    def attached(self, model: nn.Module, names: list[str]) -> None:
+        self.subset = _keeps_logits_subset(model)
+
+    def features(self, tokenizer, examples: list[Example], what: str) -> list[dict]:
+        return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.completion_only)
+
+    def collator(self, tokenizer) -> Callable:
+        return PadCollator(tokenizer.pad_token_id)
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss(model, batch, self.subset)
+
+    def evaluate(self, model, tokenizer, examples, features, task_deltas: "TaskDeltas") -> Evaluation:
+        return evaluate(model, tokenizer, examples, features, self.settings, task_deltas)
+
+    def held_out_loss(self, model, tokenizer, features) -> float:
+        return held_out_loss(model, tokenizer, features)
+
+
+class LabelledTask:
+    """What ``deltatune train --task ...`` optimises: the task head's loss on labelled data
+    (:mod:`.labelled`); evaluation by the task's metrics. The head's labels come from the
+    training data, or from the delta ``--from-delta`` continues."""
+
+    def __init__(self, settings: TrainSettings):
+        self.settings = settings
+        self.head: TaskHead | None = None
+        self.baseline: dict[str, Any] = {}
+
+    @property
+    def model_name(self) -> str:
+        from ..models import DEFAULT_ENCODER
+
+        return self.settings.model or f"{DEFAULT_ENCODER} (bundled)"
+
+    def _read(self, path: str) -> list:
+        s = self.settings
+        return load_labelled(path, s.task, text_field=s.text_field, pair_field=s.pair_field, label_field=s.label_field)
+
+    def split(self) -> tuple[list, list]:
+        s = self.settings
+        if s.data is None:
+            return self._read(encoder_data_path(s.task, "train")), self._read(encoder_data_path(s.task, "test"))
+        files = _files(s.data)
+        if len(files) > 1:
+            raise ConfigError(
+                f"--task {s.task} trains one task per run, but {len(files)} --data files were given; train one "
+                "run per task and load their deltas side by side (deltatune.load), switching or routing them"
+            )
+        train = self._read(files[0])
+        if s.eval_data is None:
+            return _hold_out(train, s, files[0])
+        return train, [e for path in _files(s.eval_data) for e in self._read(path)]
+
+    def delta_config(self, train_examples: list) -> Any:
+        s = self.settings
+        config = s.delta_config()
+        if s.from_delta is not None:
+            from ..io import delta_directories, read_config
+
+            saved = [read_config(d) for d in delta_directories(s.from_delta)]
+            heads = [c.task_head for c in saved if c.task_head is not None]
+            if not heads:
+                raise ConfigError(f"--from-delta {s.from_delta} has no task head; a --task run continues a delta that has one")
+            self.head = heads[0]
+        elif config.task_head is not None:
+            self.head = config.task_head
+        else:
+            self.head = TaskHead(s.task, labels=label_set(s.task, train_examples))
+            config = config.replace(task_head=self.head)
+        if self.head.task != s.task:
+            raise ConfigError(f"the delta's head is for task {self.head.task!r}, not {s.task!r}")
+        check_labels(self.head, train_examples, "training data")
+        majority = majority_share(self.head, train_examples)
+        if majority is not None:
+            self.baseline = {"majority_class": majority[0], "majority_train_share": round(majority[1], 4)}
+        return config
+
+    def load(self) -> tuple[nn.Module, Any]:
+        from ..models import DEFAULT_ENCODER, load_model_and_tokenizer
+
+        s = self.settings
+        kind = "token-classification" if s.task == "tag" else "sequence-classification"
+        return load_model_and_tokenizer(s.model or DEFAULT_ENCODER, task=kind, quantize=s.quantize,
+                                        num_labels=self.head.num_outputs)
+
+    def attached(self, model: nn.Module, names: list[str]) -> None:
+        # the resolved head (its module paths) is the one the delta holds
+        self.head = deltas(model)[names[0]].config.task_head
+
+    def features(self, tokenizer, examples: list, what: str) -> list[dict]:
+        check_labels(self.head, examples, what)
+        return tokenize_labelled(tokenizer, self.head, examples, self.settings.max_length)
+
+    def collator(self, tokenizer) -> Callable:
+        return LabelledCollator(tokenizer.pad_token_id, self.head.task)
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return task_loss(model, self.head, batch)
+
+    def evaluate(self, model, tokenizer, examples, features, task_deltas: "TaskDeltas") -> Evaluation:
+        s = self.settings
+        limit = s.eval_limit or len(features)
+        result = evaluate_task(model, self.head, features[:limit], self.collator(tokenizer))
+        headline = HEADLINE_METRIC[self.head.task]
+        metrics = dict(sorted(result.metrics.items(), key=lambda item: item[0] != headline))
+        if "majority_class" in self.baseline:
+            held = [e.label for e in examples[:limit]]
+            metrics["majority_baseline"] = held.count(self.baseline["majority_class"]) / len(held)
+        samples = [
+            {"text": " ".join(e.text) if isinstance(e.text, tuple) else e.text + (f" || {e.text_pair}" if e.text_pair else ""),
+             "reference": describe_label(self.head, e.label), "prediction": describe_label(self.head, p)}
+            for e, p in list(zip(examples, result.predictions))[: s.samples]
+        ]
+        return Evaluation(exact_match=None, loss=result.loss, samples=samples, metrics=metrics)
+
+    def held_out_loss(self, model, tokenizer, features) -> float:
+        return evaluate_task(model, self.head, features, self.collator(tokenizer)).loss
+
+
+def encoder_data_path(task: str, split: str) -> Path:
+    """The bundled labelled data set of an encoder task (``scripts/make_encoder_data.py``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("deltatune") / "data" / "encoder" / task / f"{split}.jsonl"))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = sorted((output_dir / CHECKPOINTS).glob("step-*"))
     return found[-1] if found else None
@@ -415,9 +593,8 @@ class Trainer:
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
-        from ..models import load_model_and_tokenizer
-
         s = self.settings
+        objective = LabelledTask(s) if s.task is not None else LanguageModeling(s)
         started = time.perf_counter()
         accelerator = Accelerator(mixed_precision="bf16" if s.bf16 else "no")
         main = accelerator.is_main_process
@@ -426,26 +603,29 @@ class Trainer:
         log = self.log if main else (lambda _msg: None)
         set_seed(s.seed)
 
-        train_examples, eval_examples = _split_data(s)
+        train_examples, eval_examples = objective.split()
         tasks = task_names(train_examples)
-        log(f"loading model {s.model or 'smollm2-135m-instruct (bundled)'}")
-        model, tokenizer = load_model_and_tokenizer(s.model, quantize=s.quantize)
+        delta_config = objective.delta_config(train_examples)
+        log(f"loading model {objective.model_name}")
+        model, tokenizer = objective.load()
         if s.quantize:
             prepare_for_kbit_training(model, gradient_checkpointing=s.gradient_checkpointing)
             log(f"quantized base: {quantized_storage(model)}")
-        train_features = tokenize_examples(tokenizer, train_examples, s.max_length, s.completion_only)
-        eval_features = tokenize_examples(tokenizer, eval_examples, s.max_length, s.completion_only)
-        log(f"data: {len(train_features)} training examples, {len(eval_features)} held out")
 
-        delta_config = s.delta_config()
-        names, task_deltas = attach_for_tasks(model, s, tasks, log)
+        names, task_deltas = attach_for_tasks(model, s, tasks, log, delta_config)
         self.names = names
+        objective.attached(model, names)
+        train_features = objective.features(tokenizer, train_examples, "training data")
+        eval_features = objective.features(tokenizer, eval_examples, "held-out data")
+        log(f"data: {len(train_features)} training examples, {len(eval_features)} held out")
+        if "majority_class" in objective.baseline:
+            log(f"majority class {objective.baseline['majority_class']!r}: "
+                f"{objective.baseline['majority_train_share']:.1%} of the training data")
         if s.gradient_checkpointing and not s.quantize:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        collate = PadCollator(tokenizer.pad_token_id)
-        subset = _keeps_logits_subset(model)
+        collate = objective.collator(tokenizer)
         if not (s.resume and latest_checkpoint(Path(s.output_dir))):  # a resumed delta has its structure
-            self._calibrate(model, delta_config, train_features, collate, subset)
+            self._calibrate(model, delta_config, train_features, collate, objective.loss)
         log(str(summary(model)))
 
         params = trainable_parameters(model, names)
@@ -468,7 +648,7 @@ class Trainer:
             step = self._resume(plain_model, optimizer, scheduler)
             log(f"resumed from step {step}")
 
-        before = evaluate(plain_model, tokenizer, eval_examples, eval_features, s, task_deltas) if main else None
+        before = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
         if main:
             log(_describe("before", before))
 
@@ -498,7 +678,7 @@ class Trainer:
                     chosen = [train_features[i] for i in next(stream)]
                     batch = {k: v.to(accelerator.device) for k, v in collate(chosen).items()}
                     with accelerator.autocast(), task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
-                        loss = causal_lm_loss(model, batch, subset)
+                        loss = objective.loss(model, batch)
                     accelerator.backward(loss / s.grad_accum)
                     tokens_seen += int(batch["attention_mask"].sum())
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
@@ -517,7 +697,7 @@ class Trainer:
                                     tok_s=f"{tokens_seen * accelerator.num_processes / elapsed:.0f}")
                     bar.update(1)
                 if main and s.eval_every and step % s.eval_every == 0 and step < total_steps:
-                    log(f"step {step}: held-out loss {held_out_loss(plain_model, tokenizer, eval_features):.4f}")
+                    log(f"step {step}: held-out loss {objective.held_out_loss(plain_model, tokenizer, eval_features):.4f}")
                     model.train()
                 if main and s.save_every and step % s.save_every == 0:
                     self._checkpoint(plain_model, optimizer, scheduler, step)
@@ -535,7 +715,7 @@ class Trainer:
         training_peak_memory = peak_memory_bytes(accelerator.device)
 
         accelerator.wait_for_everyone()
-        after = evaluate(plain_model, tokenizer, eval_examples, eval_features, s, task_deltas) if main else None
+        after = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
         delta_dir = self.output_dir / "delta"
         if main:
             log(_describe("after", after))
@@ -548,12 +728,13 @@ class Trainer:
             delta_dir=delta_dir, summary_line=summary(plain_model).headline(), interrupted=interrupted,
             optimizer=optimizer_used, training_peak_memory_bytes=training_peak_memory, train_losses=train_losses,
             peak_memory_bytes=max(run_peak_memory, peak_memory_bytes(accelerator.device)),
+            baseline=objective.baseline,
         )
         if main:
             self._write_summary(result)
         return result
 
-    def _calibrate(self, model, delta_config, features, collate, subset: bool) -> None:
+    def _calibrate(self, model, delta_config, features, collate, loss_fn) -> None:
         """Deltas that choose their structure from data (FAR, gradient-pruned SparseAdapter)
         see the first few training batches before the optimizer is built."""
         count = getattr(delta_config, "calibration_batches", 0)
@@ -565,7 +746,7 @@ class Trainer:
             {k: v.to(device) for k, v in collate([features[i] for i in range(start, min(start + s.batch_size, len(features)))]).items()}
             for start in range(0, min(count * s.batch_size, len(features)), s.batch_size)
         )
-        done = calibrate(model, batches, loss_fn=lambda m, batch: causal_lm_loss(m, batch, subset), names=self.names)
+        done = calibrate(model, batches, loss_fn=loss_fn, names=self.names)
         if done:
             self.log(f"calibrated {done} modules on {count} batches")
 
@@ -622,6 +803,7 @@ class Trainer:
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
             "train_losses": [round(loss, 5) for loss in result.train_losses],
+            **({"baseline": result.baseline} if result.baseline else {}),
             "parameters": result.summary_line,
             "delta": str(result.delta_dir),
         }
@@ -635,6 +817,9 @@ def held_out_loss(model, tokenizer, features) -> float:
 
 
 def _describe(when: str, evaluation: Evaluation) -> str:
+    if evaluation.metrics:
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in evaluation.metrics.items())
+        return f"{when} training: held-out {scores}; loss {evaluation.loss:.4f}"
     score = "n/a" if evaluation.exact_match is None else f"{evaluation.exact_match:.3f}"
     return f"{when} training: held-out exact match {score}, loss {evaluation.loss:.4f}"
 
