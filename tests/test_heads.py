@@ -75,7 +75,8 @@ def test_head_found_trained_saved_and_reloaded(arch, tokens, module, train, tmp_
     assert any(n.startswith(module + ".deltas.t.") for n in trainable)
     dt.save(model, tmp_path)
     saved = json.loads((tmp_path / "delta_config.json").read_text())["config"]["task_head"]
-    assert saved == {"task": "classify", "labels": ["a", "b", "c"], "module": module, "train": list(train)}
+    assert saved == {"task": "classify", "labels": ["a", "b", "c"], "module": module, "train": list(train),
+                     "target_mean": 0.0, "target_std": 1.0}
 
     other = tiny_classifier(arch, num_labels=5, tokens=tokens, seed=0)
     with torch.no_grad():  # other random values in every layer the head owns
@@ -179,9 +180,13 @@ def test_losses_and_predictions_follow_the_task():
     # BCE by hand: −mean(y log σ(z) + (1 − y) log(1 − σ(z)))
     by_hand = -(targets * torch.sigmoid(logits).log() + (1 - targets) * (1 - torch.sigmoid(logits)).log()).mean()
     torch.testing.assert_close(multi.loss(logits, targets), by_hand)
-    regression = dt.TaskHead("regression")
+    regression = dt.TaskHead("regression", target_mean=2.0, target_std=4.0)
     assert regression.num_outputs == 1
-    torch.testing.assert_close(regression.loss(logits[:, :1], torch.tensor([[1.0], [0.0]])), torch.tensor((1.0 + 0.09) / 2))
+    # outputs z = (2.0, −0.3) against standardised scores ((6 − 2)/4, (2 − 2)/4) = (1, 0)
+    torch.testing.assert_close(regression.loss(logits[:, :1], torch.tensor([[6.0], [2.0]])), torch.tensor((1.0 + 0.09) / 2))
+    torch.testing.assert_close(regression.predict(logits[:, :1]), torch.tensor([[2.0 + 4.0 * 2.0], [2.0 - 4.0 * 0.3]]))
+    with pytest.raises(dt.ConfigError, match="target_std must be a positive number, got 0"):
+        dt.TaskHead("regression", target_std=0)
     tag = dt.TaskHead("tag", labels=["O", "B-X", "I-X"])
     sequence = logits.unsqueeze(0)  # one sentence of two tokens, the second ignored
     torch.testing.assert_close(tag.loss(sequence, torch.tensor([[2, -100]])), F.cross_entropy(logits[:1], torch.tensor([2])))

@@ -29,7 +29,10 @@ Losses and predictions per task kind (``labels`` of a tagging task are the tags)
 
 * ``classify``: cross-entropy, prediction argmax;
 * ``multilabel``: binary cross-entropy with logits per label, predicted where σ(logit) > 0.5;
-* ``regression``: mean squared error on each output, prediction the output itself;
+* ``regression``: mean squared error between the output z and the standardised score
+  (y − μ)/σ, prediction μ + σ·z (μ, σ: ``target_mean``, ``target_std``), so gradients have
+  unit scale whatever the scores' range: on raw 0–5 similarity scores, LoRA on MiniLM at its
+  default learning rate collapsed to one constant prediction, and standardised it learns;
 * ``tag``: token-level cross-entropy ignoring positions labelled -100 (padding and the
   continuation pieces of a word), prediction argmax per token.
 """
@@ -63,13 +66,17 @@ class TaskHead:
     the tags (``tag``), or the names of the predicted scores (``regression``; empty means one
     score). ``module``: the model's output layer the head stands in for; ``train``: the other
     head layers trained whole. Both are found in Hugging Face task models when None, and are
-    stored resolved in a saved delta.
+    stored resolved in a saved delta. ``target_mean`` and ``target_std`` (regression): the head
+    outputs standardised scores z and predicts μ + σ·z, so the loss has unit scale whatever the
+    scores' range (``deltatune train`` takes μ and σ from the training data).
     """
 
     task: str
     labels: tuple[str, ...] = ()
     module: str | None = None
     train: tuple[str, ...] | None = None
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -91,6 +98,8 @@ class TaskHead:
             raise ConfigError(
                 f"a {self.task} head needs at least {least} labels, got {list(self.labels)}"
             )
+        if not isinstance(self.target_std, (int, float)) or not self.target_std > 0:
+            raise ConfigError(f"task_head target_std must be a positive number, got {self.target_std!r}")
         if self.module is not None and (not isinstance(self.module, str) or not self.module):
             raise ConfigError(f"task_head module must be a module path, got {self.module!r}")
 
@@ -102,6 +111,7 @@ class TaskHead:
         return {
             "task": self.task, "labels": list(self.labels), "module": self.module,
             "train": None if self.train is None else list(self.train),
+            "target_mean": self.target_mean, "target_std": self.target_std,
         }
 
     @staticmethod
@@ -128,7 +138,8 @@ class TaskHead:
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The task's training loss: ``targets`` are class indices (classify, tag, with -100
-        ignored), a 0/1 matrix (multilabel) or scores (regression, shape (batch, outputs))."""
+        ignored), a 0/1 matrix (multilabel) or scores (regression, shape (batch, outputs), compared
+        standardised: (y − μ)/σ)."""
         logits = self.own_logits(logits).float()
         if self.task == "classify":
             return F.cross_entropy(logits, targets)
@@ -136,7 +147,8 @@ class TaskHead:
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         if self.task == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, targets.float())
-        return F.mse_loss(logits, targets.float().view_as(logits))
+        standardised = (targets.float().view_as(logits) - self.target_mean) / self.target_std
+        return F.mse_loss(logits, standardised)
 
     def predict(self, logits: Tensor) -> Tensor:
         """Class indices (classify, tag), a 0/1 matrix (multilabel) or scores (regression)."""
@@ -145,7 +157,7 @@ class TaskHead:
             return logits.argmax(-1)
         if self.task == "multilabel":
             return (logits > 0).long()  # σ(z) > 0.5 ⟺ z > 0
-        return logits.float()
+        return logits.float() * self.target_std + self.target_mean
 
 
 def _body_path(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:

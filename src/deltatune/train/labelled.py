@@ -139,6 +139,13 @@ def label_set(task: str, examples: Sequence[LabelledExample]) -> tuple[str, ...]
     return tuple(ordered)
 
 
+def target_scale(examples: Sequence[LabelledExample]) -> dict[str, float]:
+    """Mean and standard deviation of the regression scores (σ = 1 when they are all equal)."""
+    scores = torch.tensor([e.label for e in examples], dtype=torch.float64)
+    std = scores.std(unbiased=False).item() if len(scores) > 1 else 0.0
+    return {"target_mean": round(scores.mean().item(), 6), "target_std": round(std, 6) or 1.0}
+
+
 def check_labels(head: TaskHead, examples: Sequence[LabelledExample], what: str) -> None:
     """Every label of ``examples`` must be one the head predicts."""
     known = set(head.labels)

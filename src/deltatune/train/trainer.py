@@ -72,6 +72,7 @@ from .labelled import (
     label_set,
     load_labelled,
     majority_share,
+    target_scale,
     task_loss,
     tokenize_labelled,
 )
@@ -515,7 +516,8 @@ class LabelledTask:
         elif config.task_head is not None:
             self.head = config.task_head
         else:
-            self.head = TaskHead(s.task, labels=label_set(s.task, train_examples))
+            self.head = TaskHead(s.task, labels=label_set(s.task, train_examples),
+                                 **(target_scale(train_examples) if s.task == "regression" else {}))
             config = config.replace(task_head=self.head)
         if self.head.task != s.task:
             raise ConfigError(f"the delta's head is for task {self.head.task!r}, not {s.task!r}")
