@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import deltatune as dt
 from deltatune.layer import delta_layers
+from deltatune.upstream import cache_keyword
 from zoo import tiny_inputs, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -56,7 +57,7 @@ def test_prefix_equals_attending_to_extra_keys_and_values(arch):
             reference = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=torch.ones(1, n + length, dtype=torch.long),
-                past_key_values=cache,
+                **{cache_keyword(model.forward): cache},
                 position_ids=torch.arange(length)[None],  # not shifted by the prefix
                 cache_position=torch.arange(n, n + length),
             ).logits
@@ -109,10 +110,16 @@ def test_llama_adapter_size_on_llama_7b_config_is_about_1_2m():
     assert planned.delta_params == 30 * 10 * 4096 + 30 * 32 == 1_229_760
 
 
-CACHE_CASES = [
-    *((m, a) for m in ("prefix", "mam", "unipelt") for a in ("llama", "gpt2", "t5")),
-    ("prefix-reparameterized", "llama"), ("llama_adapter", "llama"),
+#: the architectures every attention method must work on, and those LLaMA-Adapter applies to
+#: (causal decoders with their own key and value projections)
+ATTENTION_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "opt", "bert", "t5")
+LLAMA_ADAPTER_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
+ATTENTION_CASES = [
+    *((m, a) for m in ("prefix", "mam", "unipelt") for a in ATTENTION_ARCHITECTURES),
+    ("prefix-reparameterized", "llama"), *(("llama_adapter", a) for a in LLAMA_ADAPTER_ARCHITECTURES),
 ]
+#: generation needs a decoder: every case but the encoder's
+CACHE_CASES = [(m, a) for m, a in ATTENTION_CASES if a != "bert"]
 
 
 def make(method):
@@ -125,6 +132,21 @@ def make(method):
     if method == "mam":
         return dt.MAMConfig(num_virtual_tokens=3, bottleneck=4)
     return dt.LlamaAdapterConfig(adapter_len=3)
+
+
+@pytest.mark.parametrize("method,arch", ATTENTION_CASES, ids=[f"{m}-{a}" for m, a in ATTENTION_CASES])
+def test_every_attention_method_attaches_and_changes_the_logits(method, arch):
+    """Whether an attention module computes through transformers' attention functions is seen
+    by calling it, so a decorated or refactored forward upstream changes nothing."""
+    model = tiny_model(arch)
+    inputs = tiny_inputs(arch, model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    dt.attach(model, make(method))
+    perturb(model)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    assert (adapted - base).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method,arch", CACHE_CASES, ids=[f"{m}-{a}" for m, a in CACHE_CASES])
@@ -390,7 +412,7 @@ def test_calibration_initialises_prefixes_from_the_models_own_keys_and_values():
     recorded = []
     with torch.no_grad():  # the base model's own keys and values, from its cache
         cache = DynamicCache()
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **{cache_keyword(model.forward): cache}, use_cache=True)
         for index in range(len(model.model.layers)):
             keys, values = cache.layers[index].keys, cache.layers[index].values  # (batch, kv_heads, seq, dim)
             flat = lambda t: t[0, :, :n].transpose(0, 1).reshape(n, -1)  # noqa: E731

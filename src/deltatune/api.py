@@ -27,6 +27,7 @@ from .layer import DeltaLayer, Routing, delta_layers
 from .methods.fusion import FusionConfig
 from .methods.selective import ParameterCopy
 from .targets import in_selected_layers, lookup, pattern_matches, select, validate_layers
+from .upstream import passed_cache
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: set on the model at the first attach: parameter name -> requires_grad before deltatune froze it
@@ -391,7 +392,7 @@ def _replicate_inputs(block: Parallel, holder: DeltaLayer):
     def hook(module, args, kwargs):
         if holder.composition is not block:  # switched off meanwhile (dt.disabled)
             return None
-        if kwargs.get("past_key_values") is not None:
+        if passed_cache(kwargs) is not None:
             raise ConfigError(
                 f"{block!r} replicates the batch in one forward and cannot continue from a cache "
                 "(generate): repeat the prompts once per branch and generate with "

@@ -22,6 +22,7 @@ exactly once, and positions (absolute or rotary) of the real tokens are never sh
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from .backends import backend_for
 from .errors import ConfigError
 from .layer import Delta, RowSelector
 
@@ -39,27 +41,116 @@ PREFIX = "deltatune|"
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
+#: attention module class -> whether its forward computes attention through the function it is
+#: handed (True), in code of its own (False); filled by probes and by every call deltas make
+_DISPATCHES: dict[type, bool] = {}
+#: attribute (in an attention module's __dict__) set when our attention function ran for it
+_REACHED = "_deltatune_attention_reached"
+
+
 def uses_attention_interface(module: nn.Module) -> bool:
-    """Whether ``module``'s forward dispatches through transformers' attention functions."""
-    code = getattr(type(module).forward, "__code__", None)
-    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+    """Whether ``module``'s forward dispatches through transformers' attention functions, as
+    seen by calling it (a probe, once per class; see :func:`_probe`)."""
+    return _dispatches(module) is True
+
+
+def _dispatches(module: nn.Module) -> bool | None:
+    """True or False as observed for ``module``'s class; None while no call could tell."""
+    kind = type(module)
+    if kind not in _DISPATCHES:
+        observed = _probe(module)
+        if observed is None:
+            return None
+        _DISPATCHES[kind] = observed
+    return _DISPATCHES[kind]
+
+
+def _probe(module: nn.Module) -> bool | None:
+    """Call ``module`` on a two-token input with our attention function switched in and see
+    whether the function ran for it. Decided by behaviour, so decorators, renamed arguments or
+    refactors upstream do not change the answer. None when the module cannot be called this
+    way (an unknown width, arguments the probe cannot make up): the first real call decides."""
+    config = getattr(module, "config", None)
+    if config is None or not isinstance(getattr(config, "_attn_implementation", None), str):
+        return False  # transformers picks the attention function through the module's config
+    params = list(module.parameters())
+    if not params or any(p.is_meta for p in params):
+        return None
+    linear = next((backend_for(m) for m in module.modules() if m is not module and _is_linear(m)), None)
+    if linear is None:
+        return None
+    hidden = torch.zeros(1, 2, linear.in_features, dtype=linear.dtype, device=linear.device)
+    inputs: dict[str, Any] = {}
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "position_embeddings" in parameters:
+        head_dim = getattr(module, "head_dim", None)
+        if not isinstance(head_dim, int):
+            return None
+        cos = torch.ones(1, 2, head_dim, dtype=hidden.dtype, device=hidden.device)
+        inputs["position_embeddings"] = (cos, torch.zeros_like(cos))
+    if "attention_mask" in parameters:
+        inputs["attention_mask"] = None
+    # any other required input (BLOOM's residual and ALiBi bias) as a zero that broadcasts
+    for name, parameter in list(parameters.items())[1:]:
+        if name not in inputs and parameter.default is inspect.Parameter.empty and parameter.kind in (
+                inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            inputs[name] = hidden.new_zeros(1, 1, 1)
+    with _switched(module, "eager"), torch.no_grad():  # eager: registered whatever the model runs
+        try:
+            module(hidden, **inputs)
+            ran = True
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            ran = False  # the probe's made-up arguments did not suit this module: no verdict
+    # the function may have run for attention modules inside this one (a decoder block)
+    reached = [m for m in module.modules() if m.__dict__.pop(_REACHED, False)]
+    return any(m is module for m in reached) if ran else None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    backend = backend_for(module)
+    return backend is not None and backend.is_linear_map and backend.takes_activations
+
+
+class _switched:
+    """While inside: ``module``'s config names our attention function for its implementation
+    (or for ``implementation``)."""
+
+    def __init__(self, module: nn.Module, implementation: str | None = None):
+        self.config = module.config
+        self.original = self.config._attn_implementation_internal
+        self.switch = not str(self.original).startswith(PREFIX)
+        self.implementation = implementation or self.original
+
+    def __enter__(self):
+        if self.switch:
+            self.config._attn_implementation_internal = PREFIX + self.implementation
+
+    def __exit__(self, *exc):
+        if self.switch:
+            self.config._attn_implementation_internal = self.original
 
 
 def attention_support(module: nn.Module) -> str | None:
-    """Why deltas inside attention cannot work on ``module``, or None when they can."""
-    name = type(module).__name__
-    if not uses_attention_interface(module):
-        return (
-            f"{name} computes attention in its own code rather than through transformers' attention "
-            "functions, so there is no place to add keys and values"
-        )
+    """Why deltas inside attention cannot work on ``module``, or None when they can (or may:
+    a module no probe could call is checked at its first call)."""
+    if _dispatches(module) is False:
+        return _OWN_CODE.format(name=type(module).__name__)
     implementation = _implementation(module)
     if implementation not in SUPPORTED_IMPLEMENTATIONS:
         return (
-            f"{name} runs with attn_implementation={implementation!r}; load the model with "
+            f"{type(module).__name__} runs with attn_implementation={implementation!r}; load the model with "
             f"attn_implementation='sdpa' or 'eager' ({', '.join(SUPPORTED_IMPLEMENTATIONS)} are supported)"
         )
     return None
+
+
+_OWN_CODE = (
+    "{name} computes attention in its own code rather than through transformers' attention "
+    "functions, so there is no place to add keys and values"
+)
 
 
 def _implementation(module: nn.Module) -> Any:
@@ -101,27 +192,30 @@ class AttentionDelta(Delta):
         reason = attention_support(module)
         if reason:
             raise ConfigError(f"{self.config.method} cannot run here: {reason}")
-        config = module.config
         in_use = module.__dict__.setdefault(_IN_USE, [])
-        original = config._attn_implementation_internal
-        switch = not str(original).startswith(PREFIX)
         in_use.append(_InUse(self, rows))
-        if switch:
-            config._attn_implementation_internal = PREFIX + original
+        outermost = len(in_use) == 1  # deltas on one module nest; the outermost sees the whole call
         try:
-            return run(*args, **kwargs)
+            with _switched(module):
+                result = run(*args, **kwargs)
         finally:
-            if switch:
-                config._attn_implementation_internal = original
             in_use.pop()
-            if not in_use:
+            if outermost:
                 del module.__dict__[_IN_USE]
+                reached = module.__dict__.pop(_REACHED, False)
+        if outermost:
+            _DISPATCHES[type(module)] = reached
+            if not reached:
+                raise ConfigError(f"{self.config.method} cannot run here: {_OWN_CODE.format(name=type(module).__name__)}")
+        return result
 
 
 def _model_function(module: nn.Module, implementation: str) -> Callable:
     if implementation == "eager":
-        # every transformers model file defines its own eager function (T5's adds position bias)
-        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        # every transformers model file defines its own eager function (T5's adds position bias);
+        # a user's subclass of an attention class uses its parent's
+        found = (getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None) for cls in type(module).__mro__)
+        own = next((f for f in found if f is not None), None)
         if own is None:
             raise ConfigError(f"{type(module).__name__} has no eager attention function to call")
         return own
@@ -130,6 +224,7 @@ def _model_function(module: nn.Module, implementation: str) -> Callable:
 
 def _registered(implementation: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
+        module.__dict__[_REACHED] = True
         function = _model_function(module, implementation)
         in_use = module.__dict__.get(_IN_USE, ())
         return _attend(function, implementation, in_use, module, query, key, value, attention_mask, **kwargs)

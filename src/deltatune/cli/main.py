@@ -133,6 +133,9 @@ def train(
 ):
     """Fine-tune a delta; with no arguments, LoRA on the bundled model and data."""
     from ..train.trainer import Trainer, TrainSettings
+    from ..upstream import warn_if_untested
+
+    warn_if_untested()
 
     flags = dict(
         model=model, task=task, data=_one_or_many(data), eval_data=_one_or_many(eval_data), eval_fraction=eval_fraction,

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from ..config import DeltaConfig, check_choice, check_positive_int, register
 from ..errors import ConfigError, TargetError
 from ..layer import Delta, RowSelector
+from ..upstream import passed_cache
 
 INITS = ("random", "vocab", "text")
 ENCODERS = ("lstm", "mlp")
@@ -261,7 +262,7 @@ class PromptDelta(Delta):
         if reference is None:
             raise ValueError(f"{type(module).__name__} was called without input_ids or inputs_embeds")
         selected = rows.mask(reference.shape[0], reference.device)
-        if _cache_length(kw.get("past_key_values")) > 0:
+        if _cache_length(passed_cache(kw)) > 0:
             return run(**self._cached_step(kw, selected, reference.shape[1]))
         kw, length = self._first_step(module, kw, selected)
         out = run(**kw)
