@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import sys
@@ -27,3 +28,31 @@ def data_file(tmp_path_factory):
     path.write_text("".join(json.dumps({"instruction": "Upper-case:", "input": w, "output": w.upper()}) + "\n" for w in words))
     return path
 
+
+@pytest.fixture(autouse=True, scope="session")
+def cpu_packed_product_on_any_cpu():
+    """Tests force bitsandbytes' CPU-packed 4-bit layout on (``zoo.cpu_packing``). A CPU without
+    AVX512-BF16 has no kernel for that layout, so there the packed product is computed by
+    ``zoo.reference_packed_product`` (in bf16, as the kernel does) and everything deltatune reads
+    from the packed storage is still exercised; where the CPU has the kernel, it runs."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        yield
+        return
+    import bitsandbytes.functional as functional
+
+    if functional.has_avx512bf16():
+        yield
+        return
+    from zoo import reference_packed_product
+
+    standard = functional.gemv_4bit
+
+    def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+        if not getattr(state, "packing_format_for_cpu", False):
+            return standard(A, B, out, transposed_A, transposed_B, state)
+        result = reference_packed_product(A, B, state)
+        return result if out is None else out.copy_(result)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(functional, "gemv_4bit", gemv_4bit)
+        yield

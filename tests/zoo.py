@@ -16,10 +16,16 @@ Which model class each architecture gets:
 * encoder-decoders (t5, bart): ``*ForConditionalGeneration``.
 
 ``"<arch>+<scheme>"`` (``"llama+nf4"``, ``"bert+int8"``) is the same model with its linear
-layers quantized by :func:`deltatune.quantize` (bitsandbytes, on CPU).
+layers quantized by :func:`deltatune.quantize` (bitsandbytes, on CPU), its 4-bit layers in the
+standard layout whatever the CPU. ``"<arch>+<scheme>:cpu-packed"`` forces bitsandbytes'
+CPU-packed 4-bit layout on instead (see :func:`cpu_packing`). ``"llama-wide"`` is the Llama
+with layers wider than the 64-value quantization block (``WIDE_HIDDEN_SIZE``).
 """
 
 from __future__ import annotations
+
+import contextlib
+from unittest import mock
 
 import torch
 import transformers as tf
@@ -36,10 +42,16 @@ FFN_SIZE = 64        # BLOOM ignores it: its MLP is always 4 x hidden
 NUM_LAYERS = 2       # per stack: encoder-decoders have NUM_LAYERS in each
 NUM_HEADS = 4
 NUM_KV_HEADS = 2     # where the architecture has grouped-query attention
+WIDE_HIDDEN_SIZE = 64   # "llama-wide": rows of one 64-value quantization block
+WIDE_FFN_SIZE = 128     # and of two, in its down projection
 
 # Quantized variants the invariant suite also runs on: separate projections, GPT-2's Conv1D,
-# an encoder-decoder (T5 keeps `wo` in full precision) and LLM.int8 on an encoder.
-QUANTIZED_ARCHITECTURES: tuple[str, ...] = ("llama+nf4", "gpt2+nf4", "t5+nf4", "bert+int8")
+# an encoder-decoder (T5 keeps `wo` in full precision) and LLM.int8 on an encoder, 4-bit in the
+# standard layout; and a Llama in the CPU-packed layout whose layers all convert at the first
+# forward without gradient (rows of one and two quantization blocks; the tiny models' rows of
+# 32 are shorter than a block and stay in the standard layout).
+QUANTIZED_ARCHITECTURES: tuple[str, ...] = ("llama+nf4", "gpt2+nf4", "t5+nf4", "bert+int8",
+                                            "llama-wide+nf4:cpu-packed")
 
 # Architectures built with fewer key/value heads than query heads (grouped-query attention).
 GROUPED_QUERY = frozenset({"llama", "mistral", "qwen2", "gemma", "falcon"})
@@ -63,6 +75,9 @@ def _config(arch: str) -> tuple[type, tf.PretrainedConfig]:
     """The model class and tiny config for ``arch``."""
     if arch == "llama":
         return tf.LlamaForCausalLM, tf.LlamaConfig(**_LLAMA_STYLE)
+    if arch == "llama-wide":
+        return tf.LlamaForCausalLM, tf.LlamaConfig(
+            **{**_LLAMA_STYLE, "hidden_size": WIDE_HIDDEN_SIZE, "intermediate_size": WIDE_FFN_SIZE})
     if arch == "mistral":
         return tf.MistralForCausalLM, tf.MistralConfig(**_LLAMA_STYLE, sliding_window=None)
     if arch == "qwen2":
@@ -143,8 +158,47 @@ def _config(arch: str) -> tuple[type, tf.PretrainedConfig]:
 
 
 def base_architecture(arch: str) -> str:
-    """``"llama"`` for ``"llama+nf4"``: the architecture without its quantization."""
-    return arch.partition("+")[0]
+    """``"llama"`` for ``"llama+nf4"`` and ``"llama-wide+nf4:cpu-packed"``: the architecture
+    without its quantization or width."""
+    return arch.partition("+")[0].removesuffix("-wide")
+
+
+def is_cpu_packed(arch: str) -> bool:
+    """Whether ``arch``'s 4-bit layers are forced into bitsandbytes' CPU-packed layout."""
+    return arch.endswith(":cpu-packed")
+
+
+@contextlib.contextmanager
+def cpu_packing(enabled: bool):
+    """4-bit layers made inside convert (``enabled``) or never convert to bitsandbytes'
+    CPU-packed layout at their first forward without gradient, whatever the CPU: bitsandbytes'
+    capability check, which ``Linear4bit`` reads when it is made, answers ``enabled``. Where the
+    CPU has no kernel for the layout, conftest computes the packed product with
+    :func:`reference_packed_product` instead."""
+    import bitsandbytes.nn.modules
+
+    with mock.patch.object(bitsandbytes.nn.modules, "has_avx512bf16", lambda: enabled):
+        yield
+
+
+def packed_weight(data: torch.Tensor, state) -> torch.Tensor:
+    """The weight (out, in) a CPU-packed 4-bit layer holds, decoded from the layout's
+    definition (bitsandbytes' ``_convert_weight_packed_for_cpu``), not by deltatune: rows in
+    blocks of 32; each block, for each pair of columns, a group of 32 bytes whose low nibbles
+    hold rows 0-15 and high nibbles rows 16-31 (two columns per row each); block constants a
+    bf16 (in/blocksize, out) matrix."""
+    out_features, in_features = state.shape
+    groups = data.view(torch.uint8).reshape(-1, 32)
+    pairs = torch.cat([groups & 15, groups >> 4], dim=-1)  # (row, column of the pair) for 32 rows
+    codes = pairs.reshape(out_features // 32, in_features // 2, 32, 2).transpose(1, 2).reshape(out_features, in_features)
+    constants = state.absmax.T.float().repeat_interleave(state.blocksize, dim=1)
+    return state.code[codes.long()] * constants
+
+
+def reference_packed_product(a: torch.Tensor, data: torch.Tensor, state) -> torch.Tensor:
+    """``a Wᵀ`` for a CPU-packed 4-bit weight, in bf16 as bitsandbytes' kernel computes it."""
+    weight = packed_weight(data, state).to(torch.bfloat16)
+    return (a.to(torch.bfloat16) @ weight.T).to(a.dtype)
 
 
 def is_seq2seq(arch: str) -> bool:
@@ -169,7 +223,10 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
     The same ``seed`` always gives the same weights.
     """
-    arch, _, scheme = arch.partition("+")
+    arch, _, quantization = arch.partition("+")
+    scheme, _, layout = quantization.partition(":")
+    if layout not in ("", "cpu-packed"):
+        raise ValueError(f"unknown 4-bit layout {layout!r}; known: cpu-packed (or none: the standard layout)")
     model_class, config = _config(arch)
     # Eager attention: identical numerics on every torch build, and tests that
     # compare outputs should not depend on which SDPA kernel was picked.
@@ -179,7 +236,8 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     if scheme:
         from deltatune import quantize
 
-        quantize(model, scheme)
+        with cpu_packing(layout == "cpu-packed"):
+            quantize(model, scheme)
     return model.eval()
 
 

@@ -26,6 +26,7 @@ from .heads import resolve as resolve_head
 from .layer import DeltaLayer, Routing, delta_layers
 from .methods.fusion import FusionConfig
 from .methods.selective import ParameterCopy
+from .quant import guard_cpu_packing
 from .targets import in_selected_layers, lookup, pattern_matches, select, validate_layers
 from .upstream import passed_cache
 
@@ -225,6 +226,8 @@ def attach(
         config = config.replace(task_head=resolve_head(model, config.task_head, analyze(model)))
     chosen, anatomy = _resolve_paths(model, config, paths)
     _check_quantized_base(model, config, chosen, anatomy)
+    # every 4-bit layer, adapted or not, passes gradients to the deltas around it
+    guard_cpu_packing(model)
     built = _build_all(model, config, chosen, anatomy, initialize)
     fusion = isinstance(config, FusionConfig)
 

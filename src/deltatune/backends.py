@@ -9,6 +9,7 @@ and 8-bit layers of bitsandbytes are backends whose dense weight is dequantized 
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -177,15 +178,53 @@ class QuantizedLinearBackend(Backend):
 
 
 class Linear4bitBackend(QuantizedLinearBackend):
-    """``bitsandbytes.nn.Linear4bit``: W = absmax_block · code[q] (see :mod:`deltatune.quant`)."""
+    """``bitsandbytes.nn.Linear4bit``: W = absmax_block · code[q] (see :mod:`deltatune.quant`).
+
+    The weight is in one of two layouts. The standard one holds the codes two per byte in row
+    order and the block constants (double-quantized or fp32) in the same order. On a CPU with
+    AVX512-BF16, bitsandbytes converts it at the first forward without gradient into its CPU
+    inference layout ("CPU-packed"): codes reordered in blocks of rows for its kernel, constants
+    as a bf16 (in/blocksize, out) matrix, double quantization dropped; its kernel computes in
+    bf16. It converts back when a state dict is saved, and :func:`deltatune.quant.guard_cpu_packing`
+    before a forward that needs the input's gradient. Both are read here as the same W."""
 
     kind = "linear4bit"
+
+    @property
+    def cpu_packed(self) -> bool:
+        """Whether the weight is in bitsandbytes' CPU inference layout."""
+        return getattr(self.module.weight.quant_state, "packing_format_for_cpu", False)
 
     def dense_weight(self) -> Tensor:
         from bitsandbytes.functional import dequantize_4bit
 
         weight = self.module.weight
-        return dequantize_4bit(weight.data, weight.quant_state).to(self.dtype)
+        if not self.cpu_packed:
+            return dequantize_4bit(weight.data, weight.quant_state).to(self.dtype)
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        # bitsandbytes' inverse puts the codes back in row order; on a copy of the state told
+        # the constants were never double-quantized, it leaves them as the kernel reads them
+        # (bf16) instead of quantizing them again, and they are put in row order here
+        state = copy.copy(weight.quant_state)
+        state.original_nested = False
+        codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state.absmax = weight.quant_state.absmax.T.reshape(-1).float()
+        return dequantize_4bit(codes, state).to(self.dtype)
+
+    def restore_standard_layout(self) -> None:
+        """Convert a CPU-packed weight back to the standard layout, in place, as bitsandbytes
+        does when it saves a state dict (double-quantizing the constants again if the layer
+        had double quantization), but with the constants in row order in every case."""
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight = self.module.weight
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        state = weight.quant_state
+        if state.absmax.dim() == 2:
+            # bitsandbytes puts the constants back in row order only when it quantizes
+            # them again; left as (in/blocksize, out) they would scale the wrong blocks
+            state.absmax = state.absmax.T.reshape(-1).float()
 
 
 class Linear8bitBackend(QuantizedLinearBackend):

@@ -155,7 +155,10 @@ def load_model_and_tokenizer(
             f"id, or nothing for the bundled {DEFAULT_MODEL!r}."
         ) from exc
     if quantize:
+        from .quant import guard_cpu_packing
+
         release_checkpoint_mapping(model)
+        guard_cpu_packing(model)
     if is_bundled and not tokenizer.chat_template:
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
     _ensure_pad_token(model, tokenizer)

@@ -16,12 +16,19 @@ keeps one absmax per row, W ≈ s_row / 127 · q with q ∈ int8, and runs outli
 
 Every module-level method trains on these layers unchanged: the core sees them through
 :class:`~deltatune.backends.QuantizedLinearBackend`, which dequantizes the weight when a method
-asks for it (DoRA's norm, merging). The kernels are bitsandbytes' (CPU from 0.47, and CUDA).
+asks for it (DoRA's norm, merging). The kernels are bitsandbytes' (CPU and CUDA).
+
+On a CPU with AVX512-BF16, bitsandbytes moves a 4-bit layer into a CPU-packed layout at its
+first forward without gradient: bf16 block constants, no double quantization (4 + 16/64 = 4.25
+bits per weight), a kernel computing in bf16. The backend reads both layouts as the same W;
+:func:`guard_cpu_packing` keeps layers whose shape the conversion does not fit from trying, and
+brings packed layers back before a forward that needs their gradient.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -45,7 +52,7 @@ def require_bitsandbytes():
         import bitsandbytes
     except ImportError as exc:
         raise ConfigError(
-            "quantized bases need bitsandbytes >= 0.47 (4-bit on CPU and CUDA): pip install 'deltatune[quant]'"
+            "quantized bases need bitsandbytes >= 0.48 (4-bit on CPU and CUDA): pip install 'deltatune[quant]'"
         ) from exc
     return bitsandbytes
 
@@ -145,14 +152,27 @@ def quantized_linear(
         # Linear8bitLt returns its input's dtype; the backend reads the intended one here
         layer.deltatune_dtype = compute_dtype
     else:
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-                                  compress_statistics=double_quant, quant_type=scheme, device="meta")
-        layer.weight = bnb.nn.Params4bit(data, requires_grad=False, blocksize=blocksize,
-                                         compress_statistics=double_quant, quant_type=scheme, module=layer)
+        layer = _linear4bit(data, scheme, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize,
+                            bias=bias is not None)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     # moving the parameters to their device is what quantizes them
-    return layer.to(device)
+    layer = layer.to(device)
+    guard_cpu_packing(layer)
+    return layer
+
+
+def _linear4bit(data: Tensor, scheme: str, *, double_quant: bool, compute_dtype: torch.dtype | None, blocksize: int,
+                bias: bool = False, quant_storage: torch.dtype = torch.uint8) -> nn.Module:
+    """A ``Linear4bit`` holding ``data`` (out, in), not yet quantized (that happens on ``.to(device)``)."""
+    bnb = require_bitsandbytes()
+    out_features, in_features = data.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=scheme, quant_storage=quant_storage,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(data, requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=scheme, quant_storage=quant_storage, module=layer)
+    return layer
 
 
 def requantized_like(original: nn.Module, dense: nn.Linear) -> nn.Module:
@@ -170,6 +190,82 @@ def requantized_like(original: nn.Module, dense: nn.Linear) -> nn.Module:
 def is_quantized(module: nn.Module) -> bool:
     backend = backend_for(module)
     return backend is not None and backend.quantized
+
+
+# bitsandbytes' CPU inference layout ---------------------------------------------------------
+
+
+def guard_cpu_packing(model: nn.Module) -> nn.Module:
+    """Make bitsandbytes' CPU-packed 4-bit layout safe on every 4-bit layer of ``model`` (or on
+    ``model`` itself, a layer); returns it. Called by :func:`quantize` and when deltas are
+    attached, so layers made by transformers' ``BitsAndBytesConfig`` are covered too.
+
+    On a CPU with AVX512-BF16 a ``Linear4bit`` converts its weight to that layout at its first
+    forward without gradient (see :class:`~deltatune.backends.Linear4bitBackend`). Where the
+    conversion fails or computes wrongly for the layer's shape (rows shorter than a block,
+    fewer rows than the kernel's row blocking), the layer is kept from trying, per layer; where
+    it works, the layer goes back to the standard layout before a forward that must pass a
+    gradient to its input (the packed kernel has none: the gradient would silently vanish) and
+    before its state dict is saved (bitsandbytes' own conversion misorders the constants of a
+    layer without double quantization).
+    """
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer can exist
+        return model
+    for module in model.modules():
+        backend = backend_for(module)
+        if (backend is None or backend.kind != "linear4bit" or not getattr(module, "support_avx512bf16_for_cpu", False)
+                or getattr(module, "deltatune_guards_packing", False)):
+            continue
+        if not _cpu_packing_works(module):
+            module.support_avx512bf16_for_cpu = False
+            continue
+        module.register_forward_pre_hook(_standard_layout_for_gradient)
+        module.register_state_dict_pre_hook(_standard_layout_for_saving)
+        module.deltatune_guards_packing = True
+    return model
+
+
+def _standard_layout_for_gradient(module: nn.Module, args: tuple) -> None:
+    backend = backend_for(module)
+    if backend.cpu_packed and torch.is_grad_enabled() and args[0].requires_grad:
+        backend.restore_standard_layout()
+
+
+def _standard_layout_for_saving(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    backend = backend_for(module)
+    if backend.cpu_packed:
+        backend.restore_standard_layout()
+
+
+_CPU_PACKING_WORKS: dict[tuple, bool] = {}
+
+
+def _cpu_packing_works(layer: nn.Module) -> bool:
+    """Whether bitsandbytes' CPU-packed layout works for a 4-bit layer of this shape and these
+    settings, found once per kind of layer: a layer like it, holding random weights, is
+    converted by a forward without gradient on CPU and must compute what its weight did before
+    (to the bf16 rounding of the packed kernel)."""
+    weight = layer.weight
+    key = (layer.out_features, layer.in_features, weight.quant_type, weight.blocksize, weight.compress_statistics,
+           weight.quant_storage, layer.compute_dtype)
+    if key not in _CPU_PACKING_WORKS:
+        generator = torch.Generator().manual_seed(0)
+        probe = _linear4bit(torch.randn(layer.out_features, layer.in_features, generator=generator),
+                            weight.quant_type, double_quant=weight.compress_statistics, compute_dtype=layer.compute_dtype,
+                            blocksize=weight.blocksize, quant_storage=weight.quant_storage).to("cpu").eval()
+        probe.support_avx512bf16_for_cpu = True
+        x = torch.randn(4, layer.in_features, generator=generator).to(layer.compute_dtype or torch.float32)
+        expected = x.float() @ backend_for(probe).dense_weight().float().T
+        try:
+            with torch.no_grad():
+                out = probe(x).float()
+        except (RuntimeError, AssertionError, ValueError):  # its conversion fails on shapes its blocking does not fit
+            _CPU_PACKING_WORKS[key] = False
+        else:
+            # bf16 inputs and weights: ~0.5% of the output's norm; a misread layout: ~100%
+            _CPU_PACKING_WORKS[key] = backend_for(probe).cpu_packed and bool(
+                (out - expected).norm() <= 0.03 * expected.norm())
+    return _CPU_PACKING_WORKS[key]
 
 
 # storage ----------------------------------------------------------------------------------
@@ -221,7 +317,9 @@ def quantized_storage(model: nn.Module) -> QuantizedStorage:
         codes += size(weight.data)
         if isinstance(weight, bnb.nn.Params4bit):
             state = weight.quant_state
-            schemes.add(f"{state.quant_type}{'+dq' if state.nested else ''}")
+            # the CPU-packed layout holds bf16 constants and no double quantization
+            layout = " cpu-packed" if backend_for(module).cpu_packed else ""
+            schemes.add(f"{state.quant_type}{'+dq' if state.nested else ''}{layout}")
             constants += size(state.absmax) + size(state.code)
             if state.nested:
                 constants += size(state.state2.absmax) + size(state.state2.code) + size(state.offset)
@@ -231,11 +329,14 @@ def quantized_storage(model: nn.Module) -> QuantizedStorage:
     return QuantizedStorage(layers, parameters, codes, constants, tuple(sorted(schemes)))
 
 
-def expected_bits(scheme: str, *, double_quant: bool = True, blocksize: int = 64) -> float:
-    """Bits per weight by the formula: codes plus block constants (plus their constants)."""
+def expected_bits(scheme: str, *, double_quant: bool = True, blocksize: int = 64, cpu_packed: bool = False) -> float:
+    """Bits per weight by the formula: codes plus block constants (plus their constants). In
+    bitsandbytes' CPU-packed layout (``cpu_packed``) the constants are bf16, not double-quantized."""
     check_scheme(scheme)
     if scheme == "int8":
         return 8.0  # plus one fp32 scale per row, which depends on the shape
+    if cpu_packed:
+        return 4 + 16 / blocksize
     if double_quant:
         return 4 + 8 / blocksize + 32 / (blocksize * 256)
     return 4 + 32 / blocksize
@@ -255,8 +356,10 @@ def prepare_for_kbit_training(
       sees and the logits the loss is taken on, and they are a small part of the weights;
     * with ``gradient_checkpointing``, turns it on (non-reentrant) and makes the embedding
       output require grad, so the checkpointed blocks of a frozen model still pass gradients
-      to the deltas inside them.
+      to the deltas inside them;
+    * makes bitsandbytes' CPU-packed 4-bit layout safe (:func:`guard_cpu_packing`).
     """
+    guard_cpu_packing(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for _, module in iter_modules(model):
@@ -358,6 +461,7 @@ __all__ = [
     "RequantizationReport",
     "SCHEMES",
     "expected_bits",
+    "guard_cpu_packing",
     "is_quantized",
     "merge_and_requantize",
     "prepare_for_kbit_training",
