@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,6 +29,7 @@ from .backends import layer_backend
 from .config import DeltaConfig, check_choice
 from .errors import CheckpointError
 from .layer import delta_layers
+from .outputs import write_atomically, write_text_atomically
 
 CONFIG_FILE = "delta_config.json"
 WEIGHTS_FILE = "delta.safetensors"
@@ -92,7 +94,10 @@ def save(
         for module_path in info.paths:
             for key, value in layers[module_path].deltas[name].saved_state().items():
                 tensors[f"{module_path}.{key}"] = value.detach().contiguous().cpu()
-        save_file(tensors, str(target / WEIGHTS_FILE), metadata={"format": "pt", "delta": name})
+        # tensors first, config last, each whole or not at all; the config names the tensors'
+        # digest, so an interrupted save never passes for the old config's delta
+        write_atomically(target / WEIGHTS_FILE, lambda temporary: save_file(
+            tensors, str(temporary), metadata={"format": "pt", "delta": name}))
         meta = {
             "format": "deltatune",
             "format_version": FORMAT_VERSION,
@@ -107,8 +112,9 @@ def save(
                 "fingerprint": fingerprint(model, _fingerprinted(info.config, info.paths)),
                 "modules": len(info.paths),
             },
+            "weights_sha256": _digest(target / WEIGHTS_FILE),
         }
-        (target / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_text_atomically(target / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         written.append(target)
     return written
 
@@ -120,6 +126,30 @@ def _numerics(module_deltas: list[nn.Module]) -> dict:
     if getattr(config, "method", None) == "lora":
         described["scale"] = "alpha/sqrt(r)" if config.rslora else "alpha/r"
     return described
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_tensors(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{directory} has a config but no {WEIGHTS_FILE}")
+    expected = meta.get("weights_sha256")
+    if expected is not None and _digest(weights_path) != expected:
+        raise CheckpointError(
+            f"{weights_path} is not the file {CONFIG_FILE} was saved with (a save interrupted between "
+            "the two, or a damaged file); save the delta again or use an earlier checkpoint"
+        )
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_path} cannot be read as safetensors ({exc}); it is damaged or truncated") from None
 
 
 def _read_meta(directory: Path) -> dict:
@@ -199,10 +229,7 @@ def load(
     for directory, meta in metas:
         config = DeltaConfig.from_dict(meta["config"])
         delta_name = name or meta.get("name", "default")
-        weights_path = directory / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise CheckpointError(f"{directory} has a config but no {WEIGHTS_FILE}")
-        tensors = load_file(str(weights_path))
+        tensors = _read_tensors(directory, meta)
         per_module = _group_by_module(tensors, model)
         order = {p: i for i, p in enumerate(meta.get("paths", ()))}
         for module_path in order:

@@ -121,6 +121,7 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help="held-out loss every N steps"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="continue from the newest checkpoint in --output-dir"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help="replace an earlier run's results in --output-dir"),
     seed: Optional[int] = typer.Option(None),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="bf16 autocast where the hardware supports it"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length for exact-match evaluation"),
@@ -145,7 +146,7 @@ def train(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, completion_only=completion_only, group_by_length=group_by_length,
         gradient_checkpointing=gradient_checkpointing, quantize=quantize, optim=optim, eval_every=eval_every, save_every=save_every,
-        resume=resume, seed=seed, bf16=bf16, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
+        resume=resume, overwrite=overwrite, seed=seed, bf16=bf16, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
     )
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     if output_dir is None and config is None and not data:
@@ -270,6 +271,17 @@ def evaluate_command(
     console.print(f"exact match {score}   loss {result.loss:.4f}   ({len(examples)} examples)")
 
 
+def _refuse_overwriting_inputs(output: Path, model: Optional[str], delta: Path) -> None:
+    """An output directory must be a directory (or not exist) and never the model or delta read."""
+    from ..errors import ConfigError
+
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {str(output)!r} is a file; choose a directory")
+    for what, source in (("the base model", model), ("the delta", delta)):
+        if source is not None and Path(source).exists() and Path(source).resolve() == output.resolve():
+            raise ConfigError(f"--output {str(output)!r} is {what} being read; write to another directory")
+
+
 @app.command()
 @friendly_errors
 def merge(
@@ -280,6 +292,7 @@ def merge(
     """Fold a delta into the base weights and write a plain transformers model directory."""
     from ..api import merge_and_detach
 
+    _refuse_overwriting_inputs(output, model, delta)
     base, tokenizer = _load_with_delta(model, delta)
     merge_and_detach(base)
     base.save_pretrained(output)
@@ -299,6 +312,7 @@ def export(
     kinds and biases the conversion needs."""
     from ..io import save
 
+    _refuse_overwriting_inputs(output, model, delta)
     base, _ = _load_with_delta(model, delta)
     written = save(base, output, format=format)
     console.print(f"{format} checkpoint written to {', '.join(map(str, written))}")

@@ -31,6 +31,7 @@ import json
 import math
 import shutil
 import signal
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from ..io import load as load_delta
 from ..io import save as save_delta
 from ..layer import delta_layers
 from ..methods.hyper import add_task, set_task, task_route
+from ..outputs import RunLock, check_output_dir, clear_run, write_text_atomically
 from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
 from ..report import summary
 from .data import (
@@ -120,6 +122,7 @@ class TrainSettings:
     save_every: int | None = None
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's results in output_dir
     seed: int = 0
     bf16: bool = False
     max_new_tokens: int = 24
@@ -589,16 +592,39 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.output_dir = Path(settings.output_dir)
+        self.phase = "while loading"  # what the run is doing, for the message on interruption
+        self.saved = ""  # what an interruption leaves on disk
 
     def run(self) -> TrainResult:
+        """Check the output directory, hold it for this run, train. Ctrl-C or SIGTERM in any
+        phase ends the run with a line saying what was saved."""
         from accelerate import Accelerator
+
+        s = self.settings
+        accelerator = Accelerator(mixed_precision="bf16" if s.bf16 else "no")
+        if not accelerator.is_main_process:
+            return self._run(accelerator)
+        check_output_dir(self.output_dir, resume=s.resume, overwrite=s.overwrite)
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            with RunLock(self.output_dir):
+                if s.overwrite and not s.resume:
+                    clear_run(self.output_dir)
+                return self._run(accelerator)
+        except KeyboardInterrupt:
+            if self.phase != "training":  # the training loop reports its own checkpoint
+                self.log(f"\ninterrupted {self.phase}; {self.saved or 'nothing was trained yet, nothing saved'}")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+    def _run(self, accelerator) -> TrainResult:
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
         s = self.settings
         objective = LabelledTask(s) if s.task is not None else LanguageModeling(s)
         started = time.perf_counter()
-        accelerator = Accelerator(mixed_precision="bf16" if s.bf16 else "no")
         main = accelerator.is_main_process
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(accelerator.device)
@@ -616,6 +642,8 @@ class Trainer:
 
         names, task_deltas = attach_for_tasks(model, s, tasks, log, delta_config)
         self.names = names
+        if main:
+            check_output_dir(self.output_dir, resume=True, needed_bytes=_bytes_to_write(model, names, s.keep_checkpoints))
         objective.attached(model, names)
         train_features = objective.features(tokenizer, train_examples, "training data")
         eval_features = objective.features(tokenizer, eval_examples, "held-out data")
@@ -645,14 +673,16 @@ class Trainer:
         model, optimizer = accelerator.prepare(model, optimizer)
         plain_model = accelerator.unwrap_model(model)
 
+        # before the resumed state loads, so that "before" scores what an uninterrupted run's did
+        self.phase = "during the evaluation before training"
+        before = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
+        if main:
+            log(_describe("before", before))
+
         step = 0
         if s.resume:
             step = self._resume(plain_model, optimizer, scheduler)
             log(f"resumed from step {step}")
-
-        before = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
-        if main:
-            log(_describe("before", before))
 
         stream = micro_batches([len(f["input_ids"]) for f in train_features], s,
                                accelerator.process_index, accelerator.num_processes)
@@ -665,7 +695,7 @@ class Trainer:
 
             bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
         interrupted = False
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.phase = "training"
         run_peak_memory = peak_memory_bytes(accelerator.device)
         reset_peak_memory(accelerator.device)
         train_started = time.perf_counter()
@@ -710,19 +740,22 @@ class Trainer:
                 log(f"\ninterrupted at step {step}; saved {path}. Continue with the same command plus --resume")
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
             if bar is not None:
                 bar.close()
         train_seconds = time.perf_counter() - train_started
         training_peak_memory = peak_memory_bytes(accelerator.device)
 
         accelerator.wait_for_everyone()
-        after = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
         delta_dir = self.output_dir / "delta"
         if main:
-            log(_describe("after", after))
-            save_delta(plain_model, delta_dir, names)
+            # the trained delta exists from here on: whatever happens next, it is saved first
+            delta_dir = self._save_final(plain_model, delta_dir)
+            self.saved = f"the trained delta is saved in {delta_dir}"
             tokenizer.save_pretrained(self.output_dir / "tokenizer")
+        self.phase = "during the evaluation after training"
+        after = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
+        if main:
+            log(_describe("after", after))
         result = TrainResult(
             settings=s, before=before, after=after, steps=step, train_seconds=train_seconds,
             total_seconds=time.perf_counter() - started,
@@ -752,6 +785,17 @@ class Trainer:
         if done:
             self.log(f"calibrated {done} modules on {count} batches")
 
+    def _save_final(self, model, delta_dir: Path) -> Path:
+        """Save the trained delta; if the output directory fails (full, gone read-only), save it
+        in a fresh temporary directory instead and say where, then report the failure."""
+        try:
+            save_delta(model, delta_dir, self.names)
+            return delta_dir
+        except (OSError, ConfigError) as exc:
+            rescue = Path(tempfile.mkdtemp(prefix="deltatune-rescued-")) / "delta"
+            save_delta(model, rescue, self.names)
+            raise ConfigError(f"could not save the delta in {delta_dir} ({exc}); it is safe in {rescue}") from None
+
     def _checkpoint(self, model, optimizer, scheduler, step: int) -> Path:
         """Write a checkpoint atomically (temp dir, then rename); keep the newest few."""
         root = self.output_dir / CHECKPOINTS
@@ -767,11 +811,15 @@ class Trainer:
             for name in self.names
         }
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "delta": training_form}, staging / STATE_FILE)
+                    "torch_rng": torch.get_rng_state(), "delta": training_form,
+                    "settings": json.dumps(_resumed_settings(self.settings))}, staging / STATE_FILE)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-        for old in sorted(root.glob("step-*"))[: -self.settings.keep_checkpoints]:
+        # the one just written always stays, whatever other runs left in the directory
+        older = [p for p in sorted(root.glob("step-*")) if p != target]
+        for old in older[: max(0, len(older) - (self.settings.keep_checkpoints - 1))]:
             shutil.rmtree(old)
+        self.saved = f"checkpoint {target} holds step {step}"
         return target
 
     def _resume(self, model, optimizer, scheduler) -> int:
@@ -779,6 +827,14 @@ class Trainer:
         if checkpoint is None:
             raise ConfigError(f"--resume: no checkpoint under {self.output_dir / CHECKPOINTS}")
         state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        if "settings" in state:
+            saved, now = json.loads(state["settings"]), _resumed_settings(self.settings)
+            changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            if changed:
+                raise ConfigError(
+                    f"--resume: {checkpoint} was trained with other settings ({'; '.join(changed)}); "
+                    "resume with the same ones, or start a new run in another directory (or with --overwrite)"
+                )
         layers = delta_layers(model)
         if set(state["delta"]) != set(self.names):
             raise ConfigError(f"--resume: {checkpoint} holds deltas {sorted(state['delta'])}, this run has {self.names}")
@@ -809,7 +865,7 @@ class Trainer:
             "parameters": result.summary_line,
             "delta": str(result.delta_dir),
         }
-        (self.output_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_text_atomically(self.output_dir / "summary.json", json.dumps(data, indent=2) + "\n")
 
 
 def held_out_loss(model, tokenizer, features) -> float:
@@ -824,6 +880,28 @@ def _describe(when: str, evaluation: Evaluation) -> str:
         return f"{when} training: held-out {scores}; loss {evaluation.loss:.4f}"
     score = "n/a" if evaluation.exact_match is None else f"{evaluation.exact_match:.3f}"
     return f"{when} training: held-out exact match {score}, loss {evaluation.loss:.4f}"
+
+
+#: settings a resumed run may change: how long it goes on, how often it evaluates and saves
+_MAY_CHANGE_ON_RESUME = frozenset({
+    "epochs", "max_steps", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite",
+    "output_dir", "eval_limit", "max_new_tokens", "samples",
+})
+
+
+def _resumed_settings(settings: TrainSettings) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with, as JSON values."""
+    values = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    return {k: v for k, v in values.items() if k not in _MAY_CHANGE_ON_RESUME}
+
+
+def _bytes_to_write(model: nn.Module, names: list[str], checkpoints: int) -> int:
+    """About what the run writes: the delta, and per checkpoint the delta again plus the
+    optimizer's two fp32 moments of every trainable value."""
+    params = trainable_parameters(model, names)
+    values = sum(p.numel() for p in params)
+    delta = sum(p.numel() * p.element_size() for p in params)
+    return delta + checkpoints * (2 * delta + 8 * values)
 
 
 def _raise_interrupt(signum, frame):
