@@ -668,3 +668,36 @@ def test_golden_peft_adapter_gives_peft_logits(case):
         got = model(**x).logits
     torch.testing.assert_close(got[..., : expected["logits"].shape[-1]], expected["logits"], atol=ATOL, rtol=RTOL)
     assert (expected["logits"] - expected["base_logits"]).abs().max() > MIN_EFFECT
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_classifier_adapted_by_all_linear_exports_as_peft_loads_it(method, tmp_path):
+    """PEFT's SEQ_CLS model always loads the classifier as a full copy (modules_to_save): a delta
+    on the classifier (all-linear matches it) is exported merged into that copy, so PEFT loads
+    the directory and gives the same logits, and deltatune reads it back to the same logits."""
+    import transformers as tf
+    from peft import PeftModel
+
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    base = tf.BertForSequenceClassification(config).eval()
+    ours = tf.BertForSequenceClassification(config).eval()
+    ours.load_state_dict(base.state_dict())
+    delta = dt.LoRAConfig(r=2, targets="all-linear") if method == "lora" else dt.IA3Config(targets="all-linear")
+    dt.attach(ours, delta)
+    assert "classifier" in dt.deltas(ours)["default"].paths
+    perturb(dt.trainable_parameters(ours), seed=3, std=0.1 if method == "lora" else 0.5)
+    dt.save(ours, tmp_path / "peft", format="peft")
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["classifier"]
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    fresh = tf.BertForSequenceClassification(config).eval()
+    fresh.load_state_dict(base.state_dict())  # before PEFT wraps base's modules
+    theirs = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    dt.load(fresh, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)

@@ -248,3 +248,159 @@ def test_damaged_delta_file_is_a_clear_error(tiny_dir, data_file, tmp_path, fini
     weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage])
     result = invoke("eval", "--model", tiny_dir, "--delta", run / "delta", "--data", data_file, "--max-new-tokens", 2)
     assert_clear_error(result, "delta.safetensors")
+
+
+# bad input: one line naming the fix, exit 2, never a traceback ----------------------------------
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    return ("--config", path)
+
+
+def _file(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+#: (case, extra train arguments made from tmp_path, fragments of the expected one-line error)
+BAD_TRAIN_INPUT = [
+    ("lr-nan", lambda t: ("--lr", "nan"), ["lr must be a finite number, got nan"]),
+    ("lr-inf", lambda t: ("--lr", "inf"), ["lr must be a finite number, got inf"]),
+    ("epochs-nan", lambda t: ("--epochs", "nan"), ["epochs must be a finite number"]),
+    ("alpha-nan", lambda t: ("--alpha", "nan"), ["alpha must be a finite number"]),
+    ("set-unparsable", lambda t: ("--set", "r={"), ["--set 'r={': the value is not valid YAML"]),
+    ("set-fraction-rank", lambda t: ("--set", "r=1.5"), ["r must be an integer, got 1.5"]),
+    ("yaml-fraction-count", lambda t: _yaml(t, "grad_accum: 1.5\n"), ["grad_accum must be an integer, got 1.5"]),
+    ("yaml-bool-count", lambda t: _yaml(t, "grad_accum: true\n"), ["grad_accum must be an integer, got True"]),
+    ("yaml-seed-string", lambda t: _yaml(t, "seed: abc\n"), ["seed must be an integer, got 'abc'"]),
+    ("yaml-negative-decay", lambda t: _yaml(t, "weight_decay: -0.1\n"), ["weight_decay and max_grad_norm must be >= 0"]),
+    ("yaml-targets-int", lambda t: _yaml(t, "targets: 5\n"), ["targets must be a pattern or a list of patterns"]),
+    ("yaml-nested-modules-to-save", lambda t: _yaml(t, "modules_to_save: [[lm_head]]\n"), ["modules_to_save must be a pattern"]),
+    ("yaml-unparsable", lambda t: _yaml(t, "r: [1,\n"), ["cannot parse", "settings.yaml"]),
+    ("config-not-utf8", lambda t: ("--config", _file(t, "c.yaml", b"r: \xff\xfe\n")), ["is not UTF-8 text"]),
+    ("config-is-a-directory", lambda t: ("--config", t), ["is a directory"]),
+    ("data-not-utf8", lambda t: ("--data", _file(t, "d.jsonl", b'{"text": "\xff"}\n')), ["d.jsonl is not UTF-8 text"]),
+    ("data-is-a-directory", lambda t: ("--data", t), ["is a directory"]),
+    ("data-name-with-brackets", lambda t: ("--data", t / "[draft] set.jsonl"), ["[draft] set.jsonl", "does not exist"]),
+    ("model-missing", lambda t: ("--model", t / "nowhere"), ["model directory", "does not exist"]),
+    ("model-without-config", lambda t: ("--model", _file(t, "m/weights.bin", b"").parent), ["no config.json", "weights.bin"]),
+    ("model-empty-folder", lambda t: ("--model", (t / "empty").mkdir() or t / "empty"), ["no config.json", "it is empty"]),
+    ("model-is-a-file", lambda t: ("--model", _file(t, "model.bin", b"x")), ["is a file"]),
+]
+
+
+@pytest.mark.parametrize("case, make, fragments", BAD_TRAIN_INPUT, ids=[c[0] for c in BAD_TRAIN_INPUT])
+def test_bad_train_input_is_one_clear_line(tiny_dir, data_file, tmp_path, case, make, fragments):
+    (tmp_path / "in").mkdir()
+    extra = make(tmp_path / "in")
+    # later flags win: the case's --model/--data replace the working ones
+    result = train(tiny_dir, data_file, tmp_path / "out", *extra)
+    assert_clear_error(result, *fragments)
+
+
+def test_yaml_numbers_as_people_write_them_are_numbers(tiny_dir, data_file, tmp_path):
+    result = train(tiny_dir, data_file, tmp_path / "out", *_yaml(tmp_path, "warmup_ratio: 5e-2\nweight_decay: 1E-2\n"))
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]
+    assert settings["warmup_ratio"] == 0.05 and settings["weight_decay"] == 0.01
+
+
+def test_csv_with_a_byte_order_mark_reads_its_first_field(tiny_dir, tmp_path):
+    rows = "instruction,input,output\n" + "".join(f"Upper-case:,{w},{w.upper()}\n" for w in ["cat", "dog", "sun", "map", "box", "pen"])
+    data = _file(tmp_path, "bom.csv", b"\xef\xbb\xbf" + rows.encode())
+    result = train(tiny_dir, data, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+def test_generate_with_a_negative_token_count_is_a_usage_error(tiny_dir):
+    result = invoke("generate", "cat", "--model", tiny_dir, "--max-new-tokens", -5)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Usage:" in result.output and "Error" in result.output
+
+
+def _truncated_weights(tiny_dir, tmp_path):
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_dir, model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    return model
+
+
+def test_truncated_model_weights_are_a_clear_error(tiny_dir, data_file, tmp_path):
+    assert_clear_error(train(tiny_dir, data_file, tmp_path / "out", "--model", _truncated_weights(tiny_dir, tmp_path)),
+                       "could not load")
+
+
+@pytest.mark.parametrize("config_text, fragment", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a deltatune delta config"),
+    ('{"format": "deltatune", "config": {"method": "lora", "r": "eight"}}', "r must be an integer"),
+], ids=["invalid-json", "a-list", "wrong-type"])
+def test_damaged_delta_config_is_a_clear_error(tiny_dir, data_file, tmp_path, finished_run, config_text, fragment):
+    run = copy_of(finished_run, tmp_path)
+    (run / "delta" / "delta_config.json").write_text(config_text)
+    result = invoke("eval", "--model", tiny_dir, "--delta", run / "delta", "--data", data_file, "--max-new-tokens", 2)
+    assert_clear_error(result, fragment)
+
+
+API_MISTAKES = [
+    (lambda: dt.LoRAConfig(targets=5), "targets must be a pattern or a list of patterns"),
+    (lambda: dt.LoRAConfig(layers=["a"]), "layers must be block indices"),
+    (lambda: dt.LoRAConfig(alpha=float("nan")), "alpha must be a finite number"),
+    (lambda: dt.LoRAConfig(r=True), "r must be an integer, got True"),
+    (lambda: dt.LoRAConfig(dropout="0.1"), "dropout must be a number"),
+    (lambda: dt.attach("model", dt.LoRAConfig()), "attach needs the model as a torch.nn.Module, got str"),
+    (lambda: dt.plan(__import__("torch").nn.Linear(2, 2), "lora"), "deltatune.config('lora')"),
+]
+
+
+@pytest.mark.parametrize("call, fragment", API_MISTAKES, ids=[f"api-{i}" for i in range(len(API_MISTAKES))])
+def test_api_mistakes_raise_a_config_error_naming_the_value(call, fragment):
+    with pytest.raises(dt.ConfigError) as raised:
+        call()
+    assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_dir, data_file, tmp_path, finished_run, damage):
+    run = copy_of(finished_run, tmp_path)
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    state = newest / "trainer_state.pt"
+    data = state.read_bytes()
+    state.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x80\x02garbage"}[damage])
+    result = train(tiny_dir, data_file, run, "--resume", "--save-every", 1, steps=3)
+    assert result.exit_code == 0, result.output
+    assert f"skipping {newest.name}, which cannot be read" in result.output
+    assert "resumed from step 1" in result.output
+
+
+@pytest.mark.parametrize("first, second", [(["a"], ["a", "b"]), (["a", "b"], ["a"])], ids=["one-then-two", "two-then-one"])
+def test_saving_the_other_layout_over_an_earlier_save_is_refused(tiny_dir, tmp_path, first, second):
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    for name in ("a", "b"):
+        dt.attach(model, dt.LoRAConfig(r=2), name)
+    dt.save(model, tmp_path / "d", first)
+    with pytest.raises(dt.CheckpointError, match="choose another directory, or delete"):
+        dt.save(model, tmp_path / "d", second)
+    fresh, _ = load_model_and_tokenizer(str(tiny_dir))
+    assert sorted(dt.load(fresh, tmp_path / "d")) == first
+
+
+def test_saving_into_a_file_is_a_clear_error(tiny_dir, tmp_path):
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    dt.attach(model, dt.LoRAConfig(r=2))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(dt.CheckpointError, match="it is a file"):
+        dt.save(model, tmp_path / "f")
+
+
+def test_the_demo_never_replaces_an_earlier_demo_run(tmp_path):
+    preferred = tmp_path / "runs" / "demo"
+    assert outputs.unused_directory(preferred) == preferred
+    (preferred / "delta").mkdir(parents=True)
+    (tmp_path / "runs" / "demo-2" / "summary.json").parent.mkdir(parents=True)
+    (tmp_path / "runs" / "demo-2" / "summary.json").write_text("{}")
+    assert outputs.unused_directory(preferred) == tmp_path / "runs" / "demo-3"

@@ -201,6 +201,17 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
     return built | copies
 
 
+def check_model_and_config(what: str, model: object, config: object) -> None:
+    """A clear error for the arguments most often swapped or mistyped."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{what} needs the model as a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+    if not isinstance(config, DeltaConfig):
+        raise ConfigError(
+            f"{what} needs a delta config (e.g. deltatune.LoRAConfig(), or deltatune.config({config!r:.40}) "
+            f"for a method by name), got {type(config).__name__}"
+        )
+
+
 def attach(
     model: nn.Module,
     config: DeltaConfig,
@@ -216,8 +227,7 @@ def attach(
     delta is detached); the new delta's parameters are trainable. ``paths`` bypasses target
     resolution (used when loading a checkpoint that lists its modules).
     """
-    if not isinstance(config, DeltaConfig):
-        raise ConfigError(f"attach needs a delta config (e.g. deltatune.LoRAConfig()), got {type(config).__name__}")
+    check_model_and_config("attach", model, config)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"delta name must be letters, digits, '_' or '-', got {name!r}")
     if any(name in layer.deltas for layer in delta_layers(model).values()):  # not deltas(): no counting

@@ -9,8 +9,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
+
+import yaml
 
 from .errors import ConfigError
 
@@ -101,13 +107,20 @@ class DeltaConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(p.strip() for p in value.split(",") if p.strip())
-            elif value is not None:
+            elif isinstance(value, (list, tuple)):
                 value = tuple(value)
+            elif value is not None:
+                raise ConfigError(f"{name} must be a pattern or a list of patterns (strings), got {value!r}")
             elif name == "modules_to_save":
                 value = ()
+            if value is not None and not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a pattern or a list of patterns (strings), got {list(value)!r}")
             object.__setattr__(self, name, value)
         if isinstance(self.layers, (list, tuple)):
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise ConfigError(f"layers must be block indices (integers), got {list(self.layers)!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
+        check_field_types(self)
         self.validate()
 
     def validate(self) -> None:
@@ -199,8 +212,6 @@ class DeltaConfig:
         """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
         else:
             path.write_text(self.to_json() + "\n")
@@ -208,6 +219,58 @@ class DeltaConfig:
     @staticmethod
     def load(path: str | Path) -> "DeltaConfig":
         return DeltaConfig.from_dict(read_mapping(path))
+
+
+def check_field_types(instance: Any) -> None:
+    """Every field of a dataclass annotated ``int``, ``float``, ``bool`` or ``str`` (or one of
+    them ``| None``) holds exactly that: no bool for a number, no 1.5 for a count, no string for
+    a number, and floats finite. One rule for the API, YAML/JSON files and ``--set`` alike."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        expected, optional = _scalar_type(hints.get(field.name))
+        value = getattr(instance, field.name)
+        if expected is None or (optional and value is None):
+            continue
+        if expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise ConfigError(f"{field.name} must be a finite number, got {value!r}")
+        elif expected is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, expected)
+        if not ok:
+            raise ConfigError(f"{field.name} must be {_TYPE_WORDS[expected]}{' or null' if optional else ''}, got {value!r}")
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _scalar_type(annotation: Any) -> tuple[type | None, bool]:
+    """(int | float | bool | str, whether None is allowed) for a simple annotation, else (None, False)."""
+    if annotation in _TYPE_WORDS:
+        return annotation, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1 and members[0] in _TYPE_WORDS and len(typing.get_args(annotation)) == 2:
+            return members[0], True
+    return None, False
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML as people write it: ``1e-3`` is a number (YAML 1.1, PyYAML's default, wants ``1.0e-3``)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no tags that build objects), with YAML 1.2's numbers."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -224,7 +287,7 @@ def check_positive_int(name: str, value: object, what: str = "") -> None:
 def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
     """Raise ConfigError unless ``value`` is a real number in the given (closed or open) range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -238,18 +301,18 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML file holding one mapping, with an error naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give the YAML or JSON file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # the parser's own message says where; keep it, add the file
-        raise ConfigError(f"cannot parse {str(path)!r}: {exc}") from exc
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        data = load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:  # the parser's message says where
+        raise ConfigError(f"cannot parse {str(path)!r}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r} must hold a mapping of option names to values, got {type(data).__name__}")
     return data

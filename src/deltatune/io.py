@@ -75,6 +75,9 @@ def save(
     if not chosen:
         raise CheckpointError("this model has no delta to save; attach one first")
     root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"cannot save into {str(root)!r}: it is a file; give a directory")
+    _refuse_hiding_an_earlier_save(root, several=len(chosen) > 1)
     if format == "peft":
         for name in chosen:
             peft_format.exporter_for(infos[name].config.method)  # refuse before writing anything
@@ -119,6 +122,21 @@ def save(
     return written
 
 
+def _refuse_hiding_an_earlier_save(root: Path, several: bool) -> None:
+    """One directory holds one delta, or several in sub-directories: writing the other layout
+    over an earlier save would leave it beside the new one, and loading would pick one silently."""
+    if several and (root / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{str(root)!r} holds a delta saved on its own; saving several deltas there (one sub-directory "
+            "each) would leave it in the way: choose another directory, or delete it first"
+        )
+    if not several and root.is_dir() and any(root.glob(f"*/{CONFIG_FILE}")):
+        raise CheckpointError(
+            f"{str(root)!r} holds several deltas in sub-directories; saving one delta over them would hide "
+            "them: choose another directory, or delete them first"
+        )
+
+
 def _numerics(module_deltas: list[nn.Module]) -> dict:
     first = next((p for d in module_deltas for p in d.parameters()), None)
     described = {"param_dtype": str(first.dtype).removeprefix("torch.") if first is not None else None}
@@ -158,7 +176,7 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    if meta.get("format") != "deltatune" or "config" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != "deltatune" or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{config_path} is not a deltatune delta config")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(

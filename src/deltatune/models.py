@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoModel,
@@ -98,6 +99,25 @@ def bundled_model_dir() -> Path:
     return target
 
 
+def _check_local_source(source: str) -> None:
+    """A path that looks local must be a model directory: say what is wrong with it plainly,
+    before transformers reads it as a hub id or a tokenizer library reports a missing file."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ModelLoadError(f"model directory {source!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"--model {source!r} is a file; give the directory holding config.json and the weights")
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:6]
+        raise ModelLoadError(
+            f"no config.json in {source!r} ({'it holds ' + ', '.join(found) if found else 'it is empty'}); "
+            "give a transformers model directory"
+        )
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
@@ -139,6 +159,7 @@ def load_model_and_tokenizer(
         source = str(bundled_encoder_dir())
     else:
         source = str(bundled_model_dir()) if is_bundled else str(name_or_path)
+    _check_local_source(source)
     options: dict[str, Any] = _quantized_loading(quantize, torch_dtype) if quantize else {}
     if num_labels is not None:
         options["num_labels"] = num_labels
@@ -148,9 +169,9 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(source, **({"add_prefix_space": True} if task == "token-classification" else {}))
         with _quiet_transformers() if classifier else contextlib.nullcontext():
             model = TASK_MODEL_CLASSES[task].from_pretrained(source, dtype=torch_dtype, **options)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # the last two: damaged weights
         raise ModelLoadError(
-            f"could not load a {task} model from {source!r}: {exc}\n"
+            f"could not load a {task} model from {source!r}: {' '.join(str(exc).split())[:400]}\n"
             "Pass a local directory holding config.json and the weights, a Hugging Face model "
             f"id, or nothing for the bundled {DEFAULT_MODEL!r}."
         ) from exc

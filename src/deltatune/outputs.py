@@ -55,6 +55,15 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
     return directory
 
 
+def unused_directory(preferred: Path) -> Path:
+    """``preferred``, or ``preferred-2``, ``-3``... : the first that holds no earlier run."""
+    candidate, number = preferred, 1
+    while any((candidate / m).exists() for m in RUN_MARKERS):
+        number += 1
+        candidate = preferred.with_name(f"{preferred.name}-{number}")
+    return candidate
+
+
 def clear_run(directory: Path) -> None:
     """Remove an earlier run's results from ``directory`` (``--overwrite``); other files stay."""
     for marker in RUN_MARKERS:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .anatomy import analyze, iter_modules
-from .api import _build_all, _resolve_paths, count_parameters, deltas
+from .api import _build_all, _resolve_paths, check_model_and_config, count_parameters, deltas
 from .backends import layer_backend
 from .config import DeltaConfig, config as make_config, methods
 from .errors import DeltatuneError
@@ -122,6 +122,7 @@ def plan(model: nn.Module, config: DeltaConfig) -> Plan:
 
     Deltas are built on the meta device, so this allocates nothing and works on meta models.
     """
+    check_model_and_config("plan", model, config)
     paths, anatomy = _resolve_paths(model, config, None)
     built = _build_all(model, config, paths, anatomy, initialize=False, device=torch.device("meta"))
     modules = dict(iter_modules(model))

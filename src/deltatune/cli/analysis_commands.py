@@ -25,7 +25,7 @@ def compare_command(
     steps: int = typer.Option(30, help="optimizer steps per method"),
     batch_size: int = typer.Option(8, help="examples per step"),
     eval_limit: int = typer.Option(30, help="held-out examples whose generated answer is scored (exact match)"),
-    max_length: int = typer.Option(256, help="tokens per example, longer ones are cut"),
+    max_length: int = typer.Option(256, min=1, help="tokens per example, longer ones are cut"),
     seed: int = typer.Option(0),
     output_dir: Path = typer.Option(Path("runs/compare"), "--output-dir", "-o", help="one folder per method, plus the report"),
     fresh: bool = typer.Option(False, "--fresh", help="retrain methods that already finished with these settings"),

@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import DeltatuneError
@@ -39,7 +40,8 @@ def friendly_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except DeltatuneError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # the message is text, not markup: a file called "[x].csv" or "deltatune[analysis]" stays whole
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -50,6 +52,7 @@ def _method_options(
     exclude: Optional[str], layers: Optional[str], rslora: Optional[bool], dora: Optional[bool],
     init: Optional[str], bias: Optional[str], sets: List[str],
 ) -> dict[str, Any]:
+    from ..config import load_yaml
     from ..errors import ConfigError
 
     options: dict[str, Any] = {
@@ -62,7 +65,10 @@ def _method_options(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -134,6 +140,7 @@ def train(
 ):
     """Fine-tune a delta; with no arguments, LoRA on the bundled model and data."""
     from ..train.trainer import Trainer, TrainSettings
+    from ..outputs import unused_directory
     from ..upstream import warn_if_untested
 
     warn_if_untested()
@@ -149,8 +156,9 @@ def train(
         resume=resume, overwrite=overwrite, seed=seed, bf16=bf16, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
     )
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
-    if output_dir is None and config is None and not data:
-        flags["output_dir"] = f"runs/demo-{task}" if task else "runs/demo"
+    if output_dir is None and config is None and not data and not resume:
+        # the directory is ours to choose: a new one, so an earlier demo run is never replaced
+        flags["output_dir"] = str(unused_directory(Path(f"runs/demo-{task}" if task else "runs/demo")))
     settings = (TrainSettings.from_file(config, **flags) if config else TrainSettings.from_mapping({}, **flags))
     result = Trainer(settings, log=lambda m: console.print(m, highlight=False), progress=progress).run()
     _print_result(result)
@@ -215,7 +223,7 @@ def generate(
     prompt: List[str] = typer.Argument(..., help="one or more prompts (user turns)"),
     model: Optional[str] = ModelOpt,
     delta: Optional[Path] = typer.Option(None, help="a saved delta directory"),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, min=1),
 ):
     """Answer prompts greedily with the base model and an optional delta."""
     from ..train.evaluate import generate_completions
@@ -231,7 +239,7 @@ def generate(
 def chat(
     model: Optional[str] = ModelOpt,
     delta: Optional[Path] = typer.Option(None, help="a saved delta directory"),
-    max_new_tokens: int = typer.Option(256),
+    max_new_tokens: int = typer.Option(256, min=1),
 ):
     """Talk to the model (with an optional delta); an empty line or Ctrl-D ends."""
     from ..train.evaluate import generate_completions
@@ -256,8 +264,8 @@ def evaluate_command(
     model: Optional[str] = ModelOpt,
     delta: Optional[Path] = typer.Option(None, help="a saved delta directory"),
     data: Optional[str] = typer.Option(None, help="data file (default: the bundled held-out split)"),
-    max_length: int = typer.Option(256),
-    max_new_tokens: int = typer.Option(24),
+    max_length: int = typer.Option(256, min=1),
+    max_new_tokens: int = typer.Option(24, min=1),
 ):
     """Held-out exact match and loss of the model with an optional delta."""
     from ..train.data import demo_data_path, load_examples, tokenize_examples

@@ -47,6 +47,7 @@ from . import (
     peft_selects,
     peft_targets,
     register,
+    task_type,
 )
 
 
@@ -91,6 +92,36 @@ def add_saved_modules(table: KeyTable, modules: dict[str, nn.Module], paths: lis
             table.add(f"{path}.{param_name}", path, f"copies.{param_name}")
 
 
+#: the modules PEFT's task models (PeftModelForSequenceClassification, ...ForTokenClassification)
+#: always train whole as modules_to_save, whatever the adapter config names
+PEFT_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+
+
+def peft_task_heads(model: nn.Module) -> list[str]:
+    """Paths of the modules PEFT will load as full copies because of the model's task type."""
+    return saved_roots(model_modules(model), PEFT_TASK_HEADS.get(task_type(model)))
+
+
+def _task_head_copies(model: nn.Module, name: str, heads: list[str], prefix: str) -> dict[str, Tensor]:
+    """The parameters of each task head as delta ``name`` makes them: a delta on the head (LoRA
+    on a classifier, from an all-linear target) is merged into its copy, which is what PEFT loads."""
+    layers = delta_layers(model)
+    tensors = {}
+    for path in _inside(model_modules(model), heads):
+        layer = layers.get(path)
+        merging = layer is not None and name in layer.deltas and name not in layer.merged
+        if merging:
+            layer.merge([name], keep_exact=True)
+        try:
+            module = layer.base if layer is not None else model.get_submodule(path)
+            for param_name, value in module.named_parameters(recurse=False):
+                tensors[f"{prefix}{path}.{param_name}"] = value.detach().clone()
+        finally:
+            if merging:
+                layer.unmerge([name])
+    return tensors
+
+
 def export_saved_modules(model: nn.Module, name: str, prefix: str = KEY_PREFIX) -> tuple[list[str], dict[str, Tensor]]:
     """The PEFT ``modules_to_save`` entries and tensors of the full copies in delta ``name``
     (keys under ``prefix``: module-level tuners nest the model one level deeper than prompts).
@@ -113,7 +144,9 @@ def export_saved_modules(model: nn.Module, name: str, prefix: str = KEY_PREFIX) 
             f"delta {name!r} trains full copies of {', '.join(roots)}, but PEFT, which matches modules_to_save "
             f"entries as plain suffixes of module paths, would also copy {', '.join(p for p in selected if p not in roots)}"
         )
-    return roots, tensors
+    heads = [h for h in peft_task_heads(model) if h not in roots]
+    tensors.update(_task_head_copies(model, name, heads, prefix))
+    return roots + heads, tensors
 
 
 # LoRA --------------------------------------------------------------------------------------------
@@ -249,9 +282,10 @@ class LoraConverter(Converter):
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
         lora_paths = []
+        heads = _inside(modules, peft_task_heads(model))  # exported as full copies
         for path in info.paths:
             delta = layers[path].deltas[name]
-            if isinstance(delta, ParameterCopy):
+            if isinstance(delta, ParameterCopy) or path in heads:
                 continue
             lora_paths.append(path)
             a, b = (t.detach() for t in delta.factors())  # PiSSA: an exact rank-2r LoRA
@@ -357,9 +391,10 @@ class IA3Converter(Converter):
         modules = model_modules(model)
         tensors: dict[str, Tensor] = {}
         scaled, feedforward = [], []
+        heads = _inside(modules, peft_task_heads(model))  # exported as full copies
         for path in info.paths:
             delta = layers[path].deltas[name]
-            if isinstance(delta, ParameterCopy):
+            if isinstance(delta, ParameterCopy) or path in heads:
                 continue
             scaled.append(path)
             vector = delta.scale.detach()

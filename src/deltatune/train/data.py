@@ -127,6 +127,8 @@ def load_examples(path: str | Path, *, task_field: str = "task", default_task: s
 
 def _read_located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Records paired with their human-readable location ("line 3", "record 3", "row 3")."""
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
@@ -140,7 +142,10 @@ def _read_located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise DataError(
             f"{path.name}: unknown data format {suffix!r}; use .jsonl, .json, .csv or .parquet"
         )
-    located = readers[suffix](path)
+    try:
+        located = readers[suffix](path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     if not located:
         raise DataError(f"{path.name}: the file holds no records")
     for location, record in located:
@@ -154,7 +159,7 @@ def _read_located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     located = []
-    with path.open(encoding="utf-8") as file:
+    with path.open(encoding="utf-8-sig") as file:  # -sig: a byte-order mark is not part of the data
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -169,7 +174,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
 
 def _read_json(path: Path) -> list[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path.name} line {exc.lineno}: invalid JSON ({exc.msg})") from exc
     if not isinstance(data, list):
@@ -178,7 +183,7 @@ def _read_json(path: Path) -> list[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as file:
+    with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file)
         # line_num is the physical line a row ends on (the header is line 1).
         return [(f"line {reader.line_num}", row) for row in reader]
@@ -192,7 +197,10 @@ def _read_parquet(path: Path) -> list[tuple[str, Any]]:
             f"{path.name}: reading Parquet needs pyarrow, which is not installed. "
             "Fix: pip install pyarrow"
         ) from exc
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path.name} cannot be read as Parquet ({exc})") from None
     return [(f"row {index}", row) for index, row in enumerate(rows, start=1)]
 
 

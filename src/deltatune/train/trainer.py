@@ -1,12 +1,13 @@
 """The training loop behind ``deltatune train``: attach a delta, tune it, prove it helped.
 
-Built on accelerate, so ``accelerate launch -m deltatune train ...`` runs data-parallel with
-no change: each process takes every n-th batch, gradients are averaged by DDP, and only the
-main process evaluates, prints and writes files.
+Built on accelerate and written for several processes (each takes every n-th batch, only the
+main process evaluates, prints and writes files), though multi-process runs are not tested yet.
 
-Nothing is lost on interruption: Ctrl-C (or SIGTERM) writes a checkpoint of the delta, the
-optimizer, the schedule and the step, and ``--resume`` continues from the newest checkpoint
-with the same data order.
+Nothing is lost: the output directory is checked and held before any work
+(:mod:`deltatune.outputs`); Ctrl-C (or SIGTERM) writes a checkpoint of the delta, the
+optimizer, the schedule and the step, and in any other phase says what is on disk; the trained
+delta is saved before the evaluation after training; ``--resume`` continues from the newest
+readable checkpoint with the same data order, and refuses other settings.
 
 Several tasks train in one run when the data names them (several ``--data`` files, one task
 each, or a task field in the records): with ``--method hyperformer`` one shared hypernetwork
@@ -29,6 +30,7 @@ import dataclasses
 import inspect
 import json
 import math
+import pickle
 import shutil
 import signal
 import tempfile
@@ -44,14 +46,14 @@ from torch import nn
 
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
 from ..api import activate, after_optimizer_step, attach, calibrate, deltas, route, trainable_parameters
-from ..config import config as make_config, config_class, did_you_mean, read_mapping
+from ..config import check_field_types, config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError, DataError
 from ..heads import TASKS, TaskHead
 from ..io import load as load_delta
 from ..io import save as save_delta
 from ..layer import delta_layers
 from ..methods.hyper import add_task, set_task, task_route
-from ..outputs import RunLock, check_output_dir, clear_run, write_text_atomically
+from ..outputs import RunLock, check_output_dir, clear_run, write_atomically, write_text_atomically
 from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
 from ..report import summary
 from .data import (
@@ -130,6 +132,7 @@ class TrainSettings:
     samples: int = 3
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_length": self.max_length,
                     "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints}
@@ -141,6 +144,8 @@ class TrainSettings:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay!r} and {self.max_grad_norm!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0 < self.eval_fraction < 1:
@@ -732,7 +737,10 @@ class Trainer:
                     log(f"step {step}: held-out loss {objective.held_out_loss(plain_model, tokenizer, eval_features):.4f}")
                     model.train()
                 if main and s.save_every and step % s.save_every == 0:
-                    self._checkpoint(plain_model, optimizer, scheduler, step)
+                    try:
+                        self._checkpoint(plain_model, optimizer, scheduler, step)
+                    except (OSError, ConfigError) as exc:  # training goes on; the final save still comes
+                        log(f"step {step}: checkpoint not written ({exc}); training continues")
         except KeyboardInterrupt:
             interrupted = True
             if main:
@@ -810,9 +818,10 @@ class Trainer:
             name: {path: layer.deltas[name].state_dict() for path, layer in delta_layers(model).items() if name in layer.deltas}
             for name in self.names
         }
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "delta": training_form,
-                    "settings": json.dumps(_resumed_settings(self.settings))}, staging / STATE_FILE)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "delta": training_form,
+                 "settings": json.dumps(_resumed_settings(self.settings))}
+        write_atomically(staging / STATE_FILE, lambda temporary: torch.save(state, temporary))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         # the one just written always stays, whatever other runs left in the directory
@@ -822,11 +831,24 @@ class Trainer:
         self.saved = f"checkpoint {target} holds step {step}"
         return target
 
-    def _resume(self, model, optimizer, scheduler) -> int:
-        checkpoint = latest_checkpoint(self.output_dir)
-        if checkpoint is None:
+    def _readable_checkpoint(self) -> tuple[Path, dict]:
+        """The newest checkpoint whose state reads back whole; damaged newer ones are named and skipped."""
+        found = sorted((self.output_dir / CHECKPOINTS).glob("step-*"), reverse=True)
+        if not found:
             raise ConfigError(f"--resume: no checkpoint under {self.output_dir / CHECKPOINTS}")
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        for checkpoint in found:
+            try:
+                state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+                if all(key in state for key in ("step", "optimizer", "scheduler", "torch_rng", "delta")):
+                    return checkpoint, state
+                problem = "an incomplete state"
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+                problem = " ".join(str(exc).split())[:120]
+            self.log(f"--resume: skipping {checkpoint.name}, which cannot be read ({problem})")
+        raise ConfigError(f"--resume: none of the checkpoints under {self.output_dir / CHECKPOINTS} can be read")
+
+    def _resume(self, model, optimizer, scheduler) -> int:
+        checkpoint, state = self._readable_checkpoint()
         if "settings" in state:
             saved, now = json.loads(state["settings"]), _resumed_settings(self.settings)
             changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
