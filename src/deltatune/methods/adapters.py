@@ -87,8 +87,6 @@ class BottleneckConfig(DeltaConfig):
         check_choice("init", self.init, INITS)
         check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
         check_choice("layer_norm_position", self.layer_norm_position, NORM_POSITIONS)
-        if not isinstance(self.layer_norm, bool):
-            raise ConfigError(f"layer_norm must be true or false, got {self.layer_norm!r}")
 
     def bottleneck_size(self, width: int) -> int:
         return bottleneck_size(width, self.bottleneck, self.reduction_factor)
@@ -253,8 +251,6 @@ class ParallelAdapterConfig(BottleneckConfig):
     def validate(self) -> None:
         super().validate()
         check_number("scale", self.scale, low=0, low_open=True)
-        if not isinstance(self.learn_scale, bool):
-            raise ConfigError(f"learn_scale must be true or false, got {self.learn_scale!r}")
 
     def accepts(self, module: nn.Module, role: str | None = None) -> bool:
         return super().accepts(module, role) and role in ("attn.o", "ffn.down", "attn.q", "attn.qkv", "ffn.up", "ffn.gate")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check_positive_int, register
-from ..errors import ConfigError, TargetError
+from ..errors import TargetError
 from .adapters import SerialAdapterConfig
 
 NEAR_IDENTITY_STD = 1e-2
@@ -110,8 +110,6 @@ class _CompacterOptions(SerialAdapterConfig):
         check_positive_int("phm_dim", self.phm_dim, "n, the number of Kronecker terms")
         if self.phm_rank is not None:
             check_positive_int("phm_rank", self.phm_rank, "the rank of each B_i; null for full B_i")
-        if not isinstance(self.shared_rule, bool):
-            raise ConfigError(f"shared_rule must be true or false, got {self.shared_rule!r}")
 
     def bottleneck_size(self, width: int) -> int:
         if self.bottleneck is not None:

@@ -53,7 +53,7 @@ from ..anatomy import linear_shape, unwrap
 from ..backends import backend_for, layer_backend
 from ..attention import AttentionDelta, attention_modules, attention_support, projection_children, uses_attention_interface
 from ..config import DeltaConfig, check_choice, check_positive_int, register
-from ..errors import ConfigError, TargetError
+from ..errors import TargetError
 
 PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_ROLES = ("attn.q", "attn.qkv")
@@ -64,11 +64,6 @@ def _param_dtype(choice: str, base_dtype: torch.dtype) -> torch.dtype:
     if choice != "auto":
         return getattr(torch, choice)
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +245,6 @@ class PrefixTuningConfig(_AttentionMethodConfig):
         super().validate()
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens, "the prefix length n")
         check_choice("init", self.init, PREFIX_INITS)
-        _check_bool("reparameterize", self.reparameterize)
         check_positive_int("encoder_embed_dim", self.encoder_embed_dim, "the width of P′")
         check_positive_int("encoder_hidden_size", self.encoder_hidden_size, "the MLP's hidden units")
 

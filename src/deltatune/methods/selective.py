@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..anatomy import is_linear_like
 from ..backends import Backend, backend_for
 from ..config import DeltaConfig, check_positive_int, register
-from ..errors import ConfigError, TargetError
+from ..errors import TargetError
 from ..layer import Delta
 
 
@@ -120,12 +120,6 @@ class BitFitConfig(DeltaConfig):
 
     add_missing: bool = False
     head: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("add_missing", "head"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def target_spec(self) -> tuple[str, ...]:
