@@ -91,22 +91,32 @@ def _probe(module: nn.Module) -> bool | None:
             return None
         cos = torch.ones(1, 2, head_dim, dtype=hidden.dtype, device=hidden.device)
         inputs["position_embeddings"] = (cos, torch.zeros_like(cos))
-    if "attention_mask" in parameters:
+    if "attention_mask" in parameters and parameters["attention_mask"].default is None:
         inputs["attention_mask"] = None
-    # any other required input (BLOOM's residual and ALiBi bias) as a zero that broadcasts
-    for name, parameter in list(parameters.items())[1:]:
-        if name not in inputs and parameter.default is inspect.Parameter.empty and parameter.kind in (
-                inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            inputs[name] = hidden.new_zeros(1, 1, 1)
-    with _switched(module, "eager"), torch.no_grad():  # eager: registered whatever the model runs
-        try:
-            module(hidden, **inputs)
-            ran = True
-        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
-            ran = False  # the probe's made-up arguments did not suit this module: no verdict
-    # the function may have run for attention modules inside this one (a decoder block)
-    reached = [m for m in module.modules() if m.__dict__.pop(_REACHED, False)]
-    return any(m is module for m in reached) if ran else None
+    required = [
+        name for name, parameter in list(parameters.items())[1:]
+        if name not in inputs and parameter.default is inspect.Parameter.empty
+        and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    # any other required input (an ALiBi bias, a residual, a mask) as None or as a zero that
+    # broadcasts: all None, all zero (BLOOM), or a zero mask and None for the rest (Falcon)
+    zero = hidden.new_zeros(1, 1, 1)
+    attempts = [dict.fromkeys(required), dict.fromkeys(required, zero),
+                {name: zero if name == "attention_mask" else None for name in required}]
+    for filled in attempts:
+        with _switched(module, "eager"), torch.no_grad():  # eager: registered whatever the model runs
+            try:
+                module(hidden, **inputs, **filled)
+                ran = True
+            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+                ran = False  # the probe's made-up arguments did not suit this module: no verdict
+        # the function may have run for attention modules inside this one (a decoder block)
+        reached = [m for m in module.modules() if m.__dict__.pop(_REACHED, False)]
+        if ran:
+            return any(m is module for m in reached)
+        if not required:
+            break
+    return None
 
 
 def _is_linear(module: nn.Module) -> bool:
