@@ -404,3 +404,25 @@ def test_the_demo_never_replaces_an_earlier_demo_run(tmp_path):
     (tmp_path / "runs" / "demo-2" / "summary.json").parent.mkdir(parents=True)
     (tmp_path / "runs" / "demo-2" / "summary.json").write_text("{}")
     assert outputs.unused_directory(preferred) == tmp_path / "runs" / "demo-3"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_subspace_analysis_of_a_damaged_delta_is_a_clear_error(tiny_dir, tmp_path, finished_run, damage):
+    run = copy_of(finished_run, tmp_path)
+    weights = run / "delta" / "delta.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
+    assert_clear_error(invoke("analyze", "subspace", run / "delta", finished_run / "delta", "-o", tmp_path / "o"),
+                       "delta.safetensors")
+
+
+@pytest.mark.parametrize("command", ["subspace", "compare"])
+def test_analysis_output_that_is_a_file_is_a_clear_error(tiny_dir, data_file, tmp_path, finished_run, command):
+    target = tmp_path / "report.txt"
+    target.write_text("keep")
+    if command == "subspace":
+        result = invoke("analyze", "subspace", finished_run / "delta", finished_run / "delta", "-o", target)
+    else:
+        result = invoke("compare", "--model", tiny_dir, "--data", data_file, "--methods", "lora", "--steps", 1, "-o", target)
+    assert_clear_error(result, "is a file")
+    assert target.read_text() == "keep"

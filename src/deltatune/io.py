@@ -186,6 +186,12 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
+def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the delta saved in ``directory``, checked against its config's digest."""
+    directory = Path(directory)
+    return _read_tensors(directory, _read_meta(directory))
+
+
 def read_config(directory: str | Path) -> DeltaConfig:
     """The config of the delta saved in ``directory`` (deltatune's format)."""
     return DeltaConfig.from_dict(_read_meta(Path(directory))["config"])

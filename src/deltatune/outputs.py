@@ -26,6 +26,12 @@ RUN_MARKERS = ("summary.json", "delta", "checkpoints")
 LOCK_FILE = ".deltatune.lock"
 
 
+def refuse_file(path: Path, flag: str) -> None:
+    """An output that must be a directory (or not exist yet) is not a file."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file; choose a directory")
+
+
 def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool = False,
                      needed_bytes: int = 0) -> Path:
     """``path`` made ready for a run's output: created if missing, and refused (ConfigError)

@@ -16,12 +16,10 @@ dimensions i and j in k dimensions give max(i, j)/k on average (r/k for i = j = 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError
@@ -91,15 +89,18 @@ def lora_amplification(model, name: str = "default") -> dict[str, float]:
 def lora_factors(path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
     """Module path → (A, B) of every LoRA module in a saved delta (deltatune's directory, keys
     ``<path>.A``/``.B``, or PEFT's ``adapter_model.safetensors``, keys ``…<path>.lora_A.weight``)."""
+    from ..io import read_config, read_tensors
+    from ..peft_format import read_tensors as peft_tensors
+
     root = Path(path)
     deltatune_file, peft_file = root / "delta.safetensors", root / "adapter_model.safetensors"
     if deltatune_file.is_file():
-        config = json.loads((root / "delta_config.json").read_text())["config"]
-        if config.get("method") != "lora":
-            raise CheckpointError(f"{root} holds a {config.get('method')!r} delta; subspace similarity needs lora")
-        tensors, (a_suffix, b_suffix), prefix = load_file(deltatune_file), (".A", ".B"), ""
+        method = read_config(root).method
+        if method != "lora":
+            raise CheckpointError(f"{root} holds a {method!r} delta; subspace similarity needs lora")
+        tensors, (a_suffix, b_suffix), prefix = read_tensors(root), (".A", ".B"), ""
     elif peft_file.is_file():
-        tensors, (a_suffix, b_suffix), prefix = load_file(peft_file), (".lora_A.weight", ".lora_B.weight"), "base_model.model."
+        tensors, (a_suffix, b_suffix), prefix = peft_tensors(root), (".lora_A.weight", ".lora_B.weight"), "base_model.model."
     else:
         raise CheckpointError(f"{str(root)!r} holds neither delta.safetensors nor adapter_model.safetensors")
     found = {}

@@ -35,6 +35,9 @@ def compare_command(
     curves, metric vs trainable %, HTML page). Finished methods are reused on a rerun."""
     from ..config import standalone_methods
     from ..analysis.compare import DEFAULT_METHODS, compare_training
+    from ..outputs import refuse_file
+
+    refuse_file(output_dir, "--output-dir")
 
     chosen = standalone_methods() if methods == "all" else [m for m in methods.split(",") if m] if methods else list(DEFAULT_METHODS)
     comparison = compare_training(
@@ -68,7 +71,9 @@ def subspace_command(
     import json
 
     from ..analysis.subspace import compare_subspaces, lora_amplification
+    from ..outputs import refuse_file
 
+    refuse_file(output_dir, "--output-dir")
     report = compare_subspaces(first, second, modules, of)
     amplification = {}
     if model is not None:

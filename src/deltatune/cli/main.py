@@ -282,9 +282,9 @@ def evaluate_command(
 def _refuse_overwriting_inputs(output: Path, model: Optional[str], delta: Path) -> None:
     """An output directory must be a directory (or not exist) and never the model or delta read."""
     from ..errors import ConfigError
+    from ..outputs import refuse_file
 
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {str(output)!r} is a file; choose a directory")
+    refuse_file(output, "--output")
     for what, source in (("the base model", model), ("the delta", delta)):
         if source is not None and Path(source).exists() and Path(source).resolve() == output.resolve():
             raise ConfigError(f"--output {str(output)!r} is {what} being read; write to another directory")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -245,7 +246,10 @@ def read_tensors(directory: Path) -> dict[str, Tensor]:
     """The adapter's tensors: safetensors, or the legacy pickle read with ``weights_only`` (plain
     tensors only, no code runs)."""
     if (directory / WEIGHTS_FILE).is_file():
-        return load_file(str(directory / WEIGHTS_FILE))
+        try:
+            return load_file(str(directory / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{directory / WEIGHTS_FILE} cannot be read as safetensors ({exc}); it is damaged or truncated") from None
     legacy = directory / LEGACY_WEIGHTS_FILE
     if legacy.is_file():
         try:
