@@ -426,3 +426,30 @@ def test_analysis_output_that_is_a_file_is_a_clear_error(tiny_dir, data_file, tm
         result = invoke("compare", "--model", tiny_dir, "--data", data_file, "--methods", "lora", "--steps", 1, "-o", target)
     assert_clear_error(result, "is a file")
     assert target.read_text() == "keep"
+
+
+def test_a_target_regex_that_hangs_pythons_re_matches_at_once(tiny_dir):
+    """([a-z_.0-9]+)+X backtracks exponentially in Python's re on a 31-character module path
+    (years); deltatune matches target patterns with the regex package, which does not."""
+    import signal
+
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("matching the pattern hung"))
+    signal.alarm(20)
+    try:
+        dt.attach(model, dt.LoRAConfig(r=2, rank_pattern={"re:([a-z_.0-9]+)+X": 4}))
+    finally:
+        signal.alarm(0)
+    assert all(info.config.r == 2 for info in dt.deltas(model).values())
+
+
+def test_a_target_regex_past_its_time_limit_is_a_clear_error(tiny_dir, monkeypatch):
+    import deltatune.targets as targets
+
+    def too_slow(*args, **kwargs):
+        raise TimeoutError("regex time-out")
+
+    monkeypatch.setattr(targets.regex, "fullmatch", too_slow)
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    with pytest.raises(dt.ConfigError, match="backtracks catastrophically"):
+        dt.attach(model, dt.LoRAConfig(r=2, targets=["re:.*q_proj"]))

@@ -22,12 +22,16 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TypeVar
 
+import regex
 from torch import nn
 
 from .anatomy import ROLE_GROUPS, ROLES, Anatomy, analyze, is_linear_like, iter_modules
 from .errors import ConfigError, TargetError
 
 ALL_LINEAR = "all-linear"
+#: how long one ``re:`` pattern may take on one module path: far above any sane pattern's
+#: microseconds, far below a hang
+REGEX_SECONDS = 1.0
 _LAYER_SPEC = re.compile(r"^(top|bottom):(\d+)$|^(-?\d*):(-?\d*)$")
 T = TypeVar("T")
 
@@ -37,8 +41,8 @@ def validate_pattern(pattern: str) -> None:
         raise ConfigError(f"target pattern must be a non-empty string, got {pattern!r}")
     if pattern.startswith("re:"):
         try:
-            re.compile(pattern[3:])
-        except re.error as exc:
+            regex.compile(pattern[3:])
+        except regex.error as exc:
             raise ConfigError(f"bad regular expression in target {pattern!r}: {exc}") from exc
 
 
@@ -75,7 +79,13 @@ def pattern_matches(pattern: str, path: str, module: nn.Module, anatomy: Anatomy
     if kind == "all-linear":
         return is_linear_like(module) and path != anatomy.head
     if kind == "regex":
-        return re.fullmatch(pattern[3:], path) is not None
+        try:
+            return regex.fullmatch(pattern[3:], path, timeout=REGEX_SECONDS) is not None
+        except TimeoutError:
+            raise ConfigError(
+                f"target pattern {pattern!r} took over {REGEX_SECONDS:g} s to match {path!r}: it backtracks "
+                "catastrophically (nested repetition such as (a+)+); write it without the nesting"
+            ) from None
     if kind == "role":
         role = anatomy.role_of.get(path)
         return role is not None and (role == pattern or role in ROLE_GROUPS.get(pattern, ()))
