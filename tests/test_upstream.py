@@ -108,3 +108,20 @@ def test_the_untested_warning_is_one_line_once(monkeypatch, capsys):
     upstream.warn_if_untested()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "transformers 99.0.0" in err
+
+
+def test_the_probe_changes_nothing_in_the_module_it_calls():
+    """No layer switches to bitsandbytes' CPU-packed inference layout because of the probe (its
+    input requires grad), and every train/eval flag comes back."""
+    pytest.importorskip("bitsandbytes")
+    from deltatune.backends import backend_for
+
+    model = tiny_model("llama-wide+nf4:cpu-packed")  # in eval mode: its layers would pack at a no-grad call
+    attention_module = model.model.layers[0].self_attn
+    attention_module.q_proj.train()  # a mixed mode, which must come back as it was
+    modes = [m.training for m in model.modules()]
+    attention._DISPATCHES.pop(type(attention_module), None)
+    assert attention._probe(attention_module) is True
+    assert [m.training for m in model.modules()] == modes
+    packed = [m for m in model.modules() if (b := backend_for(m)) is not None and b.kind == "linear4bit" and b.cpu_packed]
+    assert not packed

@@ -103,8 +103,13 @@ def _probe(module: nn.Module) -> bool | None:
     zero = hidden.new_zeros(1, 1, 1)
     attempts = [dict.fromkeys(required), dict.fromkeys(required, zero),
                 {name: zero if name == "attention_mask" else None for name in required}]
+    # eval mode: no dropout, no running statistics updated; an input that requires grad: no
+    # layer switches its storage for inference (bitsandbytes' CPU-packed 4-bit layout)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    hidden.requires_grad_(True)
     for filled in attempts:
-        with _switched(module, "eager"), torch.no_grad():  # eager: registered whatever the model runs
+        with _switched(module, "eager"), torch.enable_grad():  # eager: registered whatever the model runs
             try:
                 module(hidden, **inputs, **filled)
                 ran = True
@@ -112,11 +117,11 @@ def _probe(module: nn.Module) -> bool | None:
                 ran = False  # the probe's made-up arguments did not suit this module: no verdict
         # the function may have run for attention modules inside this one (a decoder block)
         reached = [m for m in module.modules() if m.__dict__.pop(_REACHED, False)]
-        if ran:
-            return any(m is module for m in reached)
-        if not required:
+        if ran or not required:
             break
-    return None
+    for m, training in modes.items():
+        m.training = training
+    return any(m is module for m in reached) if ran else None
 
 
 def _is_linear(module: nn.Module) -> bool:
