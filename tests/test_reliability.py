@@ -285,9 +285,9 @@ BAD_TRAIN_INPUT = [
     ("data-not-utf8", lambda t: ("--data", _file(t, "d.jsonl", b'{"text": "\xff"}\n')), ["d.jsonl is not UTF-8 text"]),
     ("data-is-a-directory", lambda t: ("--data", t), ["is a directory"]),
     ("data-name-with-brackets", lambda t: ("--data", t / "[draft] set.jsonl"), ["[draft] set.jsonl", "does not exist"]),
-    ("model-missing", lambda t: ("--model", t / "nowhere"), ["model directory", "does not exist"]),
-    ("model-without-config", lambda t: ("--model", _file(t, "m/weights.bin", b"").parent), ["no config.json", "weights.bin"]),
-    ("model-empty-folder", lambda t: ("--model", (t / "empty").mkdir() or t / "empty"), ["no config.json", "it is empty"]),
+    ("model-missing", lambda t: ("--model", t / "nowhere"), ["nowhere'", "no such directory"]),
+    ("model-without-config", lambda t: ("--model", _file(t, "m/weights.bin", b"").parent), ["no config.json in it", "weights.bin"]),
+    ("model-empty-folder", lambda t: ("--model", (t / "empty").mkdir() or t / "empty"), ["no config.json in it", "it is empty"]),
     ("model-is-a-file", lambda t: ("--model", _file(t, "model.bin", b"x")), ["is a file"]),
 ]
 

@@ -99,23 +99,23 @@ def bundled_model_dir() -> Path:
     return target
 
 
-def _check_local_source(source: str) -> None:
+def _check_local_source(source: str, task: str) -> None:
     """A path that looks local must be a model directory: say what is wrong with it plainly,
     before transformers reads it as a hub id or a tokenizer library reports a missing file."""
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
     if not looks_local:
         return
+    problem = None
     if not path.exists():
-        raise ModelLoadError(f"model directory {source!r} does not exist")
-    if not path.is_dir():
-        raise ModelLoadError(f"--model {source!r} is a file; give the directory holding config.json and the weights")
-    if not (path / "config.json").is_file():
+        problem = "no such directory"
+    elif not path.is_dir():
+        problem = "it is a file; give the directory holding config.json and the weights"
+    elif not (path / "config.json").is_file():
         found = sorted(p.name for p in path.iterdir())[:6]
-        raise ModelLoadError(
-            f"no config.json in {source!r} ({'it holds ' + ', '.join(found) if found else 'it is empty'}); "
-            "give a transformers model directory"
-        )
+        problem = f"no config.json in it ({'it holds ' + ', '.join(found) if found else 'it is empty'})"
+    if problem:
+        raise ModelLoadError(f"could not load a {task} model from {source!r}: {problem}")
 
 
 def load_model_and_tokenizer(
@@ -159,7 +159,7 @@ def load_model_and_tokenizer(
         source = str(bundled_encoder_dir())
     else:
         source = str(bundled_model_dir()) if is_bundled else str(name_or_path)
-    _check_local_source(source)
+    _check_local_source(source, task)
     options: dict[str, Any] = _quantized_loading(quantize, torch_dtype) if quantize else {}
     if num_labels is not None:
         options["num_labels"] = num_labels
