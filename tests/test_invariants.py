@@ -120,7 +120,7 @@ def mixed_batches(method):
     return METHODS[method]().supports_mixed_batch
 
 
-def setup(method, arch, name="default"):
+def attached(method, arch, name="default"):
     model = tiny_model(arch).eval()
     inputs = tiny_inputs(arch, model)
     base = logits(model, inputs)
@@ -130,7 +130,7 @@ def setup(method, arch, name="default"):
 
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)
 def test_identity_at_init(method, arch):
-    model, inputs, base = setup(method, arch)
+    model, inputs, base = attached(method, arch)
     if method in NOT_IDENTITY:  # a random prompt or prefix: the model must see it
         assert (logits(model, inputs) - base).abs().max() > 1e-4
         return
@@ -157,7 +157,7 @@ def test_method_without_quantized_support_is_refused_on_a_quantized_base(method,
 
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)
 def test_merged_equals_unmerged_equals_merge_and_detach(method, arch):
-    model, inputs, base = setup(method, arch)
+    model, inputs, base = attached(method, arch)
     perturb(model, "default")
     unmerged = logits(model, inputs)
     assert (unmerged - base).abs().max() > 1e-3, "the perturbed delta should change the output"
@@ -195,7 +195,7 @@ def test_detach_restores_original_state_exactly(method, arch):
 
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)
 def test_only_delta_parameters_train(method, arch):
-    model, inputs, _ = setup(method, arch)
+    model, inputs, _ = attached(method, arch)
     model.train()
     base_state = {k: v.clone() for k, v in model.state_dict().items() if ".deltas." not in k}
     delta_params = dt.trainable_parameters(model)
@@ -218,7 +218,7 @@ def test_only_delta_parameters_train(method, arch):
 
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)
 def test_save_load_round_trip(method, arch, tmp_path):
-    model, inputs, _ = setup(method, arch)
+    model, inputs, _ = attached(method, arch)
     perturb(model, "default")
     expected = logits(model, inputs)
     dt.save(model, tmp_path / "delta")
@@ -229,7 +229,7 @@ def test_save_load_round_trip(method, arch, tmp_path):
 
 @pytest.mark.parametrize("method,arch", CASES, ids=IDS)
 def test_disabled_equals_base(method, arch):
-    model, inputs, base = setup(method, arch)
+    model, inputs, base = attached(method, arch)
     perturb(model, "default")
     with dt.disabled(model):
         torch.testing.assert_close(logits(model, inputs), base, atol=0, rtol=0)
@@ -272,7 +272,7 @@ def test_mixed_batch_equals_separate_runs(method, arch):
 @pytest.mark.parametrize("method,arch", [c for c in CASES if supports_generate(c[1])],
                          ids=[i for c, i in zip(CASES, IDS) if supports_generate(c[1])])
 def test_generate_with_delta(method, arch):
-    model, inputs, _ = setup(method, arch)
+    model, inputs, _ = attached(method, arch)
     perturb(model, "default")
     kwargs = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
     with torch.no_grad():

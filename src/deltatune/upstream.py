@@ -25,7 +25,7 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 #: the lower bounds in pyproject.toml and the newest run of scripts/compat.sh
 TESTED = {
     "transformers": ("5.16.0", "5.24.0"),
-    "bitsandbytes": ("0.49.0", "0.50.2"),
+    "bitsandbytes": ("0.50.0", "0.50.2"),
 }
 
 

@@ -52,7 +52,7 @@ def require_bitsandbytes():
         import bitsandbytes
     except ImportError as exc:
         raise ConfigError(
-            "quantized bases need bitsandbytes >= 0.49 (4-bit on CPU and CUDA): pip install 'deltatune[quant]'"
+            "quantized bases need bitsandbytes >= 0.50 (4-bit on CPU and CUDA): pip install 'deltatune[quant]'"
         ) from exc
     return bitsandbytes
 
