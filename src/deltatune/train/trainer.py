@@ -752,6 +752,7 @@ class Trainer:
                 bar.close()
         train_seconds = time.perf_counter() - train_started
         training_peak_memory = peak_memory_bytes(accelerator.device)
+        self.phase = "while saving the trained delta"
 
         accelerator.wait_for_everyone()
         delta_dir = self.output_dir / "delta"
