@@ -209,7 +209,7 @@ class Linear4bitBackend(QuantizedLinearBackend):
         state = copy.copy(weight.quant_state)
         state.original_nested = False
         codes, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        state.absmax = weight.quant_state.absmax.T.reshape(-1).float()
+        state.absmax = _constants_in_row_order(weight.quant_state.absmax)
         return dequantize_4bit(codes, state).to(self.dtype)
 
     def restore_standard_layout(self) -> None:
@@ -224,7 +224,13 @@ class Linear4bitBackend(QuantizedLinearBackend):
         if state.absmax.dim() == 2:
             # bitsandbytes puts the constants back in row order only when it quantizes
             # them again; left as (in/blocksize, out) they would scale the wrong blocks
-            state.absmax = state.absmax.T.reshape(-1).float()
+            state.absmax = _constants_in_row_order(state.absmax)
+
+
+def _constants_in_row_order(absmax: Tensor) -> Tensor:
+    """The packed layout's (in/blocksize, out) bf16 block constants as the standard layout's
+    flat, row-ordered fp32 ones."""
+    return absmax.T.reshape(-1).float()
 
 
 class Linear8bitBackend(QuantizedLinearBackend):

@@ -38,8 +38,7 @@ def check_output_dir(path: str | Path, *, resume: bool = False, overwrite: bool 
     when it is a file, holds an earlier run (unless ``resume`` continues it or ``overwrite``
     replaces it), is not writable, or its file system has less than ``needed_bytes`` free."""
     directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"output directory {str(directory)!r} is a file; choose a directory")
+    refuse_file(directory, "output directory")
     earlier = [m for m in RUN_MARKERS if (directory / m).exists()]
     if earlier and not (resume or overwrite):
         raise ConfigError(

@@ -36,6 +36,7 @@ from ..anatomy import ROLE_GROUPS, ROLES, iter_modules
 from ..api import deltas
 from ..config import DeltaConfig, did_you_mean
 from ..errors import CheckpointError
+from ..outputs import write_atomically, write_text_atomically
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -286,7 +287,7 @@ def save(model: nn.Module, path: str | Path, name: str) -> Path:
     target = Path(path)
     target.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in exported.tensors.items()}
-    save_file(tensors, str(target / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_atomically(target / WEIGHTS_FILE, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
     config = {
         "peft_type": converter.peft_type,
         "task_type": task_type(model),
@@ -295,7 +296,7 @@ def save(model: nn.Module, path: str | Path, name: str) -> Path:
         "inference_mode": True,
         **exported.config,
     }
-    (target / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(target / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return target
 
 
