@@ -38,6 +38,14 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from .errors import ConfigError
+
+
+def check_model(what: str, model: object) -> None:
+    """A clear error for a model argument that is not a module (a path, a name, a config)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{what} needs the model as a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+
 ROLES: tuple[str, ...] = (
     "embed", "head", "block", "norm",
     "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",

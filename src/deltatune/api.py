@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import composition
-from .anatomy import analyze, is_linear_like, iter_modules
+from .anatomy import analyze, check_model, is_linear_like, iter_modules
 from .backends import backend_for, layer_backend
 from .composition import Block, Parallel
 from .config import DeltaConfig, check_positive_int
@@ -53,6 +53,7 @@ class DeltaInfo:
 
 def deltas(model: nn.Module) -> dict[str, DeltaInfo]:
     """Every delta attached to ``model``, by name, in attach order."""
+    check_model("deltas", model)
     found: dict[str, DeltaInfo] = {}
     for path, layer in delta_layers(model).items():
         for name, delta in layer.deltas.items():
@@ -201,14 +202,23 @@ def _build_all(model, config, paths, anatomy, initialize, device=None):
     return built | copies
 
 
+def resolve_placement(model: nn.Module, config: DeltaConfig, paths: Sequence[str] | None = None):
+    """Where ``config`` goes on ``model``: (the config with its task head resolved to a module,
+    the module paths it adapts, the model's anatomy). ``paths`` skips target matching."""
+    if config.task_head is not None and paths is None:
+        config = config.replace(task_head=resolve_head(model, config.task_head, analyze(model)))
+    chosen, anatomy = _resolve_paths(model, config, paths)
+    return config, chosen, anatomy
+
+
 def check_model_and_config(what: str, model: object, config: object) -> None:
     """A clear error for the arguments most often swapped or mistyped."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{what} needs the model as a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+    check_model(what, model)
     if not isinstance(config, DeltaConfig):
+        by_name = f"deltatune.config({config!r:.40})" if isinstance(config, str) else "deltatune.config('lora')"
         raise ConfigError(
-            f"{what} needs a delta config (e.g. deltatune.LoRAConfig(), or deltatune.config({config!r:.40}) "
-            f"for a method by name), got {type(config).__name__}"
+            f"{what} needs a delta config (e.g. deltatune.LoRAConfig(), or {by_name} for a method by name), "
+            f"got {type(config).__name__}"
         )
 
 
@@ -232,9 +242,7 @@ def attach(
         raise ConfigError(f"delta name must be letters, digits, '_' or '-', got {name!r}")
     if any(name in layer.deltas for layer in delta_layers(model).values()):  # not deltas(): no counting
         raise ConfigError(f"a delta named {name!r} is already attached; detach it first or choose another name")
-    if config.task_head is not None and paths is None:
-        config = config.replace(task_head=resolve_head(model, config.task_head, analyze(model)))
-    chosen, anatomy = _resolve_paths(model, config, paths)
+    config, chosen, anatomy = resolve_placement(model, config, paths)
     _check_quantized_base(model, config, chosen, anatomy)
     # every 4-bit layer, adapted or not, passes gradients to the deltas around it
     guard_cpu_packing(model)
@@ -278,6 +286,7 @@ def _freeze(model: nn.Module, names: Iterable[str]) -> None:
 
 def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Remove deltas (all by default), unmerging them first; restores the original modules."""
+    check_model("detach", model)
     chosen = set(_names(model, names, deltas(model)))
     block = active_block(model)
     if block is not None and chosen & set(block.names()):
@@ -294,6 +303,7 @@ def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Mod
 
 def delete(model: nn.Module, name: str) -> nn.Module:
     """Remove one named delta; the others stay as they are."""
+    check_model("delete", model)
     return detach(model, [name])
 
 
@@ -312,6 +322,7 @@ def activate(model: nn.Module, names: str | Iterable[str] | Block, *, exclusive:
     see :mod:`deltatune.composition`): its deltas become the active ones, combined as it says,
     on every layer holding any of them. Activating plain names switches a block off.
     """
+    check_model("activate", model)
     if isinstance(names, Block):
         if not exclusive:
             raise ConfigError("a composition block is activated on its own (exclusive=True); put every delta in it")
@@ -341,6 +352,7 @@ def activate(model: nn.Module, names: str | Iterable[str] | Block, *, exclusive:
 def deactivate(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Make deltas inactive (all by default); their parameters stay attached. Deactivating any
     delta of an active composition block switches the whole block off."""
+    check_model("deactivate", model)
     chosen = set(_names(model, names, deltas(model)))
     for layer in delta_layers(model).values():
         merged = [n for n in layer.merged if n in chosen]
@@ -356,6 +368,7 @@ def deactivate(model: nn.Module, names: str | Iterable[str] | None = None) -> nn
 
 def active_block(model: nn.Module) -> Block | None:
     """The composition block active on ``model``, or None when its active deltas run plainly."""
+    check_model("active_block", model)
     return next((layer.composition for layer in delta_layers(model).values() if layer.composition is not None), None)
 
 
@@ -443,6 +456,7 @@ def adapter_drop(
     head copy) are never skipped. Each call replaces the previous setting; deltas attached
     afterwards are not covered until the next call.
     """
+    check_model("adapter_drop", model)
     if isinstance(layers, list):
         layers = tuple(layers)
     validate_layers(layers)
@@ -483,6 +497,7 @@ def adapter_drop(
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: every delta off (merged ones taken out) inside the block."""
+    check_model("disabled", model)
     layers = delta_layers(model)
     saved = {path: (layer.active, layer.merged, layer.composition) for path, layer in layers.items()}
     for layer in layers.values():
@@ -530,6 +545,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, keep_ex
     Unmerging restores the weights exactly for half-precision bases, and to float rounding for
     fp32 bases unless ``keep_exact=True`` (which keeps a copy of each touched weight).
     """
+    check_model("merge", model)
     infos = deltas(model)
     chosen = _names(model, names, [n for n, i in infos.items() if i.active])
     _check_mergeable(model, chosen)
@@ -541,6 +557,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, keep_ex
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Take merged deltas (all by default) back out of the weights; they stay active."""
+    check_model("unmerge", model)
     chosen = _names(model, names, [n for n, i in deltas(model).items() if i.merged])
     for layer in delta_layers(model).values():
         layer.unmerge(chosen)
@@ -553,6 +570,7 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None)
     Returns the same model object, now plain: its state dict has the original keys and can be
     saved with ``save_pretrained`` and loaded without deltatune.
     """
+    check_model("merge_and_detach", model)
     infos = deltas(model)
     chosen = _names(model, names, [n for n, i in infos.items() if i.active])
     _check_mergeable(model, chosen)
@@ -571,6 +589,7 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
     Works with ``generate`` (beams and multiple sequences per prompt included). Merged deltas
     must be unmerged first, since their update is in the shared weights.
     """
+    check_model("route", model)
     infos = deltas(model)
     wanted = [n for n in dict.fromkeys(names_per_sample) if n is not None]
     _names(model, wanted, ())
@@ -601,6 +620,7 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
 
 def trainable_parameters(model: nn.Module, names: str | Iterable[str] | None = None) -> list[nn.Parameter]:
     """Parameters of the named deltas (the active ones by default), for an optimizer."""
+    check_model("trainable_parameters", model)
     infos = deltas(model)
     chosen = set(_names(model, names, [n for n, i in infos.items() if i.active]))
     params: list[nn.Parameter] = []
@@ -625,6 +645,7 @@ def calibrate(
     ``loss_fn(model, batch)`` defaults to ``model(**batch).loss``. Base weights that a delta
     reads gradients of are made to require grad only during the call.
     """
+    check_model("calibrate", model)
     infos = deltas(model)
     chosen = set(_names(model, names, [n for n, i in infos.items() if i.active]))
     waiting = [
@@ -666,6 +687,7 @@ def fold(model: nn.Module, names: str | Iterable[str] | None = None) -> int:
     """Replace training-time reparameterisations (prefix tuning's MLP, P-tuning's prompt
     encoder) by the plain tensors they produce now: the outputs stay the same, the encoders'
     parameters are dropped. Saving always stores the folded form. Returns how many deltas folded."""
+    check_model("fold", model)
     chosen = set(_names(model, names, deltas(model)))
     folded = 0
     for layer in delta_layers(model).values():
@@ -685,6 +707,7 @@ def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; shared (tied) parameters count once."""
+    check_model("count_parameters", model)
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()

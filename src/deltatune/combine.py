@@ -36,8 +36,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from .anatomy import check_model
 from .api import attach, deltas
-from .config import check_choice
+from .config import check_choice, check_number
 from .errors import ConfigError
 from .layer import delta_layers
 from .methods.ia3 import IA3Config, IA3Delta
@@ -64,9 +65,12 @@ def combine(
     ``seed`` makes DARE's random drop reproducible. The inputs stay attached, unchanged. See the
     module docstring for the equations.
     """
+    check_model("combine", model)
     check_choice("combination", combination, COMBINATIONS)
     if not weights:
         raise ConfigError("combine needs at least one delta name with its weight")
+    for source, weight in weights.items():
+        check_number(f"the weight of {source!r}", weight)
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"density must be in (0, 1], got {density!r}")
     if rank is not None and (not isinstance(rank, int) or rank <= 0):

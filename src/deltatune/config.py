@@ -13,8 +13,9 @@ import math
 import re
 import types
 import typing
+from importlib import import_module
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Hashable, Mapping
 
 import yaml
 
@@ -29,14 +30,25 @@ def register(cls: type["DeltaConfig"]) -> type["DeltaConfig"]:
     return cls
 
 
+def _registry() -> dict[str, type["DeltaConfig"]]:
+    """Every registered config class by method name; the built-in methods register on import."""
+    import_module(".methods", __package__)
+    return _REGISTRY
+
+
+def registered_classes() -> list[type["DeltaConfig"]]:
+    """Every registered config class, in method-name order."""
+    return [_registry()[m] for m in methods()]
+
+
 def methods() -> list[str]:
     """Names of every registered method."""
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def standalone_methods() -> list[str]:
     """The methods that train on a bare model (not, e.g., an AdapterFusion over attached adapters)."""
-    return [m for m in methods() if _REGISTRY[m].standalone]
+    return [m for m in methods() if _registry()[m].standalone]
 
 
 def did_you_mean(word: str, options: list[str]) -> str:
@@ -49,7 +61,7 @@ def config_class(method: str | type["DeltaConfig"]) -> type["DeltaConfig"]:
     if isinstance(method, type) and issubclass(method, DeltaConfig):
         return method
     key = str(method).lower().replace("-", "_")
-    if key not in _REGISTRY:
+    if key not in _registry():
         raise ConfigError(
             f"unknown method {method!r}; available methods: {', '.join(methods())}."
             + did_you_mean(key, methods())
@@ -258,7 +270,20 @@ def _scalar_type(annotation: Any) -> tuple[type | None, bool]:
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """YAML as people write it: ``1e-3`` is a number (YAML 1.1, PyYAML's default, wants ``1.0e-3``)."""
+    """YAML as people write it: ``1e-3`` is a number (YAML 1.1, PyYAML's default, wants ``1.0e-3``);
+    a key given twice is an error (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own error names an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Yaml12Loader.add_implicit_resolver(
@@ -293,9 +318,9 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        lo = "-inf" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "inf" if high is None else f"{high}{')' if high_open else ']'}"
-        raise ConfigError(f"{name} must be a number in {lo}, {hi}, got {value!r}")
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
@@ -310,7 +335,10 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
-        data = load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+            raise ConfigError(f"config file {str(path)!r}: unknown format {path.suffix or '(no suffix)'!r}; "
+                              "use .yaml, .yml or .json")
+        data = load_yaml(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:  # the parser's message says where
         raise ConfigError(f"cannot parse {str(path)!r}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

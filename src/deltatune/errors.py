@@ -23,3 +23,7 @@ class DataError(DeltatuneError, ValueError):
 
 class ModelLoadError(DeltatuneError):
     """A model could not be resolved or loaded."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended a run that has already said what it saved (the message)."""

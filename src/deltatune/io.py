@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import peft_format
-from .anatomy import analyze, iter_modules
+from .anatomy import analyze, check_model, iter_modules
 from .api import _build_all, _names, attach, base_model_name, delete, deltas
 from .backends import layer_backend
 from .config import DeltaConfig, check_choice
@@ -69,6 +69,7 @@ def save(
     ``format="peft"`` writes PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, which
     ``PeftModel.from_pretrained`` and serving engines load (methods PEFT has: LoRA and its
     variants, (IA)³, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter)."""
+    check_model("save", model)
     check_choice("format", format, FORMATS)
     infos = deltas(model)
     chosen = _names(model, names, infos)
@@ -228,6 +229,7 @@ def load(
     equivalent deltatune delta, named ``name``, or "default" (its sub-directories, PEFT's other
     adapters, by their directory names). PEFT checkpoints are always loaded strictly.
     """
+    check_model("load", model)
     root = Path(path)
     if root.is_dir() and not (root / CONFIG_FILE).is_file():
         adapters = peft_format.peft_directories(root)

@@ -164,9 +164,8 @@ def load_model_and_tokenizer(
     if num_labels is not None:
         options["num_labels"] = num_labels
     classifier = task in ("sequence-classification", "token-classification")
+    # the model first: a bad config or missing weights is the problem to name, not the tokenizer
     try:
-        # BPE tokenizers (GPT-2, RoBERTa) need it to take words already split, for tagging
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"add_prefix_space": True} if task == "token-classification" else {}))
         with _quiet_transformers() if classifier else contextlib.nullcontext():
             model = TASK_MODEL_CLASSES[task].from_pretrained(source, dtype=torch_dtype, **options)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # the last two: damaged weights
@@ -174,6 +173,15 @@ def load_model_and_tokenizer(
             f"could not load a {task} model from {source!r}: {' '.join(str(exc).split())[:400]}\n"
             "Pass a local directory holding config.json and the weights, a Hugging Face model "
             f"id, or nothing for the bundled {DEFAULT_MODEL!r}."
+        ) from exc
+    try:
+        # BPE tokenizers (GPT-2, RoBERTa) need it to take words already split, for tagging
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"add_prefix_space": True} if task == "token-classification" else {}))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"could not load the tokenizer from {source!r}: {' '.join(str(exc).split())[:300]}\n"
+            "The model directory needs its tokenizer files too (tokenizer.json, or the vocabulary "
+            "files tokenizer.save_pretrained writes)."
         ) from exc
     if quantize:
         from .quant import guard_cpu_packing

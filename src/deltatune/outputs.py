@@ -139,6 +139,48 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
+def check_fresh_directory(path: Path, flag: str, *, overwrite: bool) -> None:
+    """An output directory a command fills as a whole (a merged model, an exported delta) is
+    new or empty, unless ``overwrite`` says its files may be replaced."""
+    refuse_file(path, flag)
+    if path.is_dir() and not overwrite:
+        held = sorted(p.name for p in path.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+            raise ConfigError(f"{flag} {str(path)!r} already holds files ({shown}); choose a new or empty "
+                              "directory, or pass --overwrite to replace it")
+
+
+def write_directory_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary_directory)`` then put it in ``path``'s place: ``path`` holds the old
+    contents or the whole new ones, never a mixture, and an earlier ``path`` goes only once
+    the new one is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(temporary)
+        for written in temporary.rglob("*"):
+            if written.is_file():
+                with open(written, "rb") as handle:
+                    os.fsync(handle.fileno())
+        earlier = None
+        if path.exists():
+            earlier = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.earlier."))
+            os.replace(path, earlier / path.name)
+        os.replace(temporary, path)
+    except OSError as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ConfigError(f"no space left on the device holding {str(path.parent)!r} while writing {path.name}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if earlier is not None:
+        shutil.rmtree(earlier, ignore_errors=True)
+    _sync_directory(path.parent)
+
+
 def _sync_directory(directory: Path) -> None:
     with contextlib.suppress(OSError):  # some file systems cannot fsync a directory; the rename stands
         descriptor = os.open(directory, os.O_RDONLY)

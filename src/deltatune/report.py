@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .anatomy import analyze, iter_modules
-from .api import _build_all, _resolve_paths, check_model_and_config, count_parameters, deltas
+from .anatomy import analyze, check_model, iter_modules
+from .api import _build_all, check_model_and_config, count_parameters, deltas, resolve_placement
 from .backends import layer_backend
 from .config import DeltaConfig, config as make_config, methods
 from .errors import DeltatuneError
@@ -53,6 +53,7 @@ class Summary:
 
 def summary(model: nn.Module, *, show: bool = False) -> Summary:
     """Parameter counts: the familiar headline plus one row per delta and role."""
+    check_model("summary", model)
     trainable, total = count_parameters(model)
     anatomy = analyze(model)
     rows = []
@@ -100,6 +101,22 @@ class Plan:
     def paths(self) -> list[str]:
         return [m.path for m in self.modules]
 
+    def oversized(self) -> str | None:
+        """A warning when the delta would hold more values than the weights of the layers it
+        adapts (fine-tuning them outright would be smaller), else None."""
+        linear = [m for m in self.modules if m.shape[0] and m.shape[1]]
+        adapted = sum(m.shape[0] * m.shape[1] for m in linear)
+        if not linear or self.delta_params <= adapted:
+            return None
+        full_rank = max(min(m.shape) for m in linear)
+        return (
+            f"the {self.config.method} delta would hold {self.delta_params:,} values "
+            f"({self.delta_params * 4 / 2**30:.1f} GiB in fp32, before gradients and optimizer state), more than "
+            f"the {adapted:,} weights of the {len(linear)} layers it adapts: fine-tuning those layers outright "
+            f"would train less. A low-rank delta's rank is above what the layers can use: their full rank "
+            f"(min(in, out)) is at most {full_rank}"
+        )
+
     def __str__(self) -> str:
         per_role: dict[tuple[str, str, tuple[int, int]], list[int]] = {}
         for m in self.modules:
@@ -114,6 +131,8 @@ class Plan:
             f"trainable params: {self.delta_params:,} || all params: {total:,} "
             f"|| trainable%: {100.0 * self.delta_params / total:.4f}",
         ]
+        if self.oversized():
+            lines.append(f"warning: {self.oversized()}")
         return "\n".join(lines)
 
 
@@ -123,7 +142,7 @@ def plan(model: nn.Module, config: DeltaConfig) -> Plan:
     Deltas are built on the meta device, so this allocates nothing and works on meta models.
     """
     check_model_and_config("plan", model, config)
-    paths, anatomy = _resolve_paths(model, config, None)
+    config, paths, anatomy = resolve_placement(model, config)
     built = _build_all(model, config, paths, anatomy, initialize=False, device=torch.device("meta"))
     modules = dict(iter_modules(model))
     planned = []
@@ -169,11 +188,13 @@ class Comparison:
         return "\n".join(lines)
 
 
-def compare(model: nn.Module, configs: list[DeltaConfig] | None = None) -> Comparison:
-    """Dry-run several configs (by default every registered method with its defaults) on one
-    model: how many modules each adapts and how many parameters it trains. A method that cannot
+def compare(model: nn.Module, configs: list[DeltaConfig | str] | None = None) -> Comparison:
+    """Dry-run several configs or method names (by default every registered method with its
+    defaults) on one model: how many modules each adapts and how many parameters it trains. A method that cannot
     adapt this model with those settings (BitFit on a model without biases) says why."""
-    configs = configs if configs is not None else [make_config(m) for m in methods()]
+    check_model("compare", model)
+    # a method name stands for its config with the defaults
+    configs = [make_config(c) if isinstance(c, str) else c for c in (configs if configs is not None else methods())]
     _, total = count_parameters(model)
     rows = []
     for cfg in configs:

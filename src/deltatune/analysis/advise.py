@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..config import check_positive_int
 from ..errors import ConfigError
 from .memory import MemoryEstimate, human_bytes, estimate_training_memory, meta_model_from_config
 
@@ -126,6 +127,7 @@ def advise(
     from ..config import config as make_config
     from ..models import bundled_model_dir
 
+    check_positive_int("examples", examples, "how many training examples there are")
     budget = parse_bytes(memory) if isinstance(memory, str) else int(memory)
     dtype = dtype or ("bf16" if device == "cuda" else "fp32")
     source = model if model is not None else bundled_model_dir()

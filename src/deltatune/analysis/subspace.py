@@ -37,6 +37,9 @@ def similarity_grid(a1: Tensor, a2: Tensor, ranks: tuple[int, int] | None = None
 
     ‖U^{i⊤}_1 U^j_2‖²_F is the sum of the squared entries of the top-left i×j block of U_1^⊤ U_2,
     so one product and two cumulative sums give the whole grid."""
+    for a in (a1, a2):
+        if not isinstance(a, Tensor) or a.dim() != 2:
+            raise ConfigError(f"subspace analysis needs 2-D tensors (LoRA A matrices, r×k), got {type(a).__name__} {a!r:.60}")
     if a1.shape[-1] != a2.shape[-1]:
         raise ConfigError(f"the two matrices act on different input sizes: {a1.shape[-1]} and {a2.shape[-1]}")
     u1, u2 = right_singular_vectors(a1), right_singular_vectors(a2)

@@ -16,7 +16,7 @@ app.add_typer(analyze_app, name="analyze")
 
 
 @app.command("compare")
-@friendly_errors
+@friendly_errors("compare")
 def compare_command(
     model: Optional[str] = ModelOpt,
     data: Optional[str] = typer.Option(None, help="training data as for `deltatune train` (default: the bundled date task)"),
@@ -55,7 +55,7 @@ def compare_command(
 
 
 @analyze_app.command("subspace")
-@friendly_errors
+@friendly_errors("analyze subspace")
 def subspace_command(
     first: Path = typer.Argument(..., help="a saved LoRA delta (deltatune or PEFT directory)"),
     second: Path = typer.Argument(..., help="another LoRA delta of the same base (other rank or seed)"),
@@ -103,7 +103,7 @@ def subspace_command(
 
 
 @app.command("advise")
-@friendly_errors
+@friendly_errors("advise")
 def advise_command(
     examples: int = typer.Option(..., "--examples", "-n", help="how many training examples you have"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model id, directory or config.json (default: bundled SmolLM2-135M); only its config is read"),

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import DeltatuneError
+from ..errors import DeltatuneError, Interrupted
 
 app = typer.Typer(
     help="deltatune: parameter-efficient fine-tuning for any transformer.",
@@ -32,19 +32,28 @@ console = Console()
 errors = Console(stderr=True)
 
 
-def friendly_errors(command: Callable) -> Callable:
-    """Bad input ends in one clear line and exit code 2, never a traceback."""
+def friendly_errors(name: str) -> Callable[[Callable], Callable]:
+    """For the command ``deltatune <name>``: bad input ends in one clear line and exit code 2,
+    never a traceback; Ctrl-C (also while the command's imports load) in a line saying so and
+    exit code 130, as a shell reports SIGINT."""
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except DeltatuneError as exc:
-            # the message is text, not markup: a file called "[x].csv" or "deltatune[analysis]" stays whole
-            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except DeltatuneError as exc:
+                # the message is text, not markup: a file called "[x].csv" or "deltatune[analysis]" stays whole
+                errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt as exc:
+                if not isinstance(exc, Interrupted):  # an interrupted run has said what it saved
+                    errors.print(f"interrupted before deltatune {name} finished", highlight=False)
+                raise typer.Exit(130) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 def _method_options(
@@ -93,7 +102,7 @@ SetOpt = typer.Option([], "--set", help="any other method option, key=value (rep
 
 
 @app.command()
-@friendly_errors
+@friendly_errors("train")
 def train(
     model: Optional[str] = ModelOpt,
     task: Optional[str] = typer.Option(None, help="an encoder task with a task head: classify | multilabel | regression | tag (default: the bundled all-MiniLM-L6-v2 on bundled data); none: language modelling"),
@@ -218,7 +227,7 @@ def _user_prompt(tokenizer, text: str, history: list[dict[str, str]] | None = No
 
 
 @app.command()
-@friendly_errors
+@friendly_errors("generate")
 def generate(
     prompt: List[str] = typer.Argument(..., help="one or more prompts (user turns)"),
     model: Optional[str] = ModelOpt,
@@ -235,7 +244,7 @@ def generate(
 
 
 @app.command()
-@friendly_errors
+@friendly_errors("chat")
 def chat(
     model: Optional[str] = ModelOpt,
     delta: Optional[Path] = typer.Option(None, help="a saved delta directory"),
@@ -259,7 +268,7 @@ def chat(
 
 
 @app.command("eval")
-@friendly_errors
+@friendly_errors("eval")
 def evaluate_command(
     model: Optional[str] = ModelOpt,
     delta: Optional[Path] = typer.Option(None, help="a saved delta directory"),
@@ -279,55 +288,69 @@ def evaluate_command(
     console.print(f"exact match {score}   loss {result.loss:.4f}   ({len(examples)} examples)")
 
 
-def _refuse_overwriting_inputs(output: Path, model: Optional[str], delta: Path) -> None:
-    """An output directory must be a directory (or not exist) and never the model or delta read."""
+def _check_output(output: Path, model: Optional[str], delta: Path, overwrite: bool) -> None:
+    """An output directory is new or empty (or ``--overwrite``), and never the model or delta read."""
     from ..errors import ConfigError
-    from ..outputs import refuse_file
+    from ..outputs import check_fresh_directory, refuse_file
 
     refuse_file(output, "--output")
     for what, source in (("the base model", model), ("the delta", delta)):
         if source is not None and Path(source).exists() and Path(source).resolve() == output.resolve():
             raise ConfigError(f"--output {str(output)!r} is {what} being read; write to another directory")
+    check_fresh_directory(output, "--output", overwrite=overwrite)
+
+
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace what the output directory holds (it is replaced whole, once the new one is written)")
 
 
 @app.command()
-@friendly_errors
+@friendly_errors("merge")
 def merge(
     delta: Path = typer.Option(..., help="a saved delta directory"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for the merged transformers model"),
     model: Optional[str] = ModelOpt,
+    overwrite: bool = OverwriteOpt,
 ):
     """Fold a delta into the base weights and write a plain transformers model directory."""
     from ..api import merge_and_detach
+    from ..outputs import write_directory_atomically
 
-    _refuse_overwriting_inputs(output, model, delta)
+    _check_output(output, model, delta, overwrite)
     base, tokenizer = _load_with_delta(model, delta)
     merge_and_detach(base)
-    base.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+
+    def write(directory: Path) -> None:
+        base.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    write_directory_atomically(output, write)
     console.print(f"merged model written to {output} (loads with transformers alone)")
 
 
 @app.command()
-@friendly_errors
+@friendly_errors("export")
 def export(
     delta: Path = typer.Option(..., help="a saved delta directory (deltatune's format or PEFT's)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory to write"),
     format: str = typer.Option("peft", help="peft (adapter_config.json + adapter_model.safetensors) or deltatune"),
     model: Optional[str] = ModelOpt,
+    overwrite: bool = OverwriteOpt,
 ):
     """Convert a saved delta to another checkpoint format; the base model supplies the layer
     kinds and biases the conversion needs."""
-    from ..io import save
+    from ..config import check_choice
+    from ..io import FORMATS, save
+    from ..outputs import write_directory_atomically
 
-    _refuse_overwriting_inputs(output, model, delta)
+    check_choice("format", format, FORMATS)
+    _check_output(output, model, delta, overwrite)
     base, _ = _load_with_delta(model, delta)
-    written = save(base, output, format=format)
-    console.print(f"{format} checkpoint written to {', '.join(map(str, written))}")
+    write_directory_atomically(output, lambda directory: save(base, directory, format=format))
+    console.print(f"{format} checkpoint written to {output}")
 
 
 @app.command()
-@friendly_errors
+@friendly_errors("inspect")
 def inspect(
     model: Optional[str] = ModelOpt,
     config_json: Optional[Path] = typer.Option(None, "--config", help="a transformers config.json: sized on the meta device, no weights"),

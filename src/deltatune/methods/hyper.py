@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
 from ..config import DeltaConfig, check_choice, check_positive_int, register
+from ..anatomy import check_model
 from ..errors import ConfigError, TargetError
 from ..layer import Delta, delta_layers
 from .adapters import (ACTIVATIONS, PARAM_DTYPES, HoulsbyConfig, _param_dtype, bottleneck_size,
@@ -327,6 +328,7 @@ def _check_task(network: HyperNetwork, task: str) -> None:
 
 def set_task(model: nn.Module, task: str, name: str | None = None) -> nn.Module:
     """Make ``task`` the task of every batch for the hyperformer delta ``name`` (the only one by default)."""
+    check_model("set_task", model)
     _, adapters = _hyper_adapters(model, name)
     network = adapters[0].network
     _check_task(network, task)
@@ -338,6 +340,7 @@ def set_task(model: nn.Module, task: str, name: str | None = None) -> nn.Module:
 def task_route(model: nn.Module, tasks: Sequence[str | None], name: str | None = None) -> Iterator[nn.Module]:
     """A multi-task batch: sample i uses task ``tasks[i]`` (None: no adapter). Works with
     ``generate`` (beams and several sequences per prompt included)."""
+    check_model("task_route", model)
     _, adapters = _hyper_adapters(model, name)
     network = adapters[0].network
     for task in tasks:
@@ -362,6 +365,7 @@ def add_task(model: nn.Module, task: str, name: str | None = None, *, train_only
     hypernetwork is frozen, so training learns the new task's embedding alone and the other
     tasks keep exactly their outputs.
     """
+    check_model("add_task", model)
     check_task_name(task)
     name, adapters = _hyper_adapters(model, name)
     network = adapters[0].network
@@ -389,6 +393,7 @@ def materialize(model: nn.Module, task: str, new_name: str, name: str | None = N
     """Attach ``task``'s generated adapters as an ordinary Houlsby adapter named ``new_name``
     (bottleneck m, LayerNorm on the output with γ_τ and β_τ, zero biases): the same outputs
     without the hypernetwork. ``activate`` switches to it (and off everything else)."""
+    check_model("materialize", model)
     from ..api import activate as activate_deltas
     from ..api import attach, deltas
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, check_positive_int, register
+from ..config import DeltaConfig, check_choice, check_number, check_positive_int, register
 from ..errors import ConfigError, TargetError
 from ..layer import Delta
 from ..targets import validate_pattern
@@ -93,8 +93,8 @@ class LoRAConfig(DeltaConfig):
                 validate_pattern(pattern)
                 if name == "rank_pattern":
                     _check_rank(f"rank_pattern[{pattern!r}]", value)
-                elif not isinstance(value, (int, float)) or value <= 0:
-                    raise ConfigError(f"alpha_pattern[{pattern!r}] must be positive, got {value!r}")
+                else:
+                    check_number(f"alpha_pattern[{pattern!r}]", value, low=0, low_open=True)
 
     def accepts(self, module: nn.Module, role: str | None = None) -> bool:
         backend = backend_for(module)

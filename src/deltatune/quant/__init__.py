@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..anatomy import analyze, iter_modules
+from ..anatomy import analyze, check_model, iter_modules
 from ..backends import QuantizedLinearBackend, backend_for
 from ..errors import ConfigError
 from ..layer import delta_layers
@@ -83,6 +83,7 @@ def quantize(
     transformers model keeps in fp32 (``_keep_in_fp32_modules``, e.g. T5's ``wo``) never are.
     Deltas attached afterwards train on the quantized layers; quantize before attaching.
     """
+    check_model("quantize", model)
     check_scheme(scheme)
     if not isinstance(blocksize, int) or blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ConfigError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
@@ -297,6 +298,7 @@ class QuantizedStorage:
 def quantized_storage(model: nn.Module) -> QuantizedStorage:
     """Bytes actually held by the model's quantized layers; tensors shared between layers (the
     level tables) are counted once."""
+    check_model("quantized_storage", model)
     bnb = require_bitsandbytes()
     seen: set[int] = set()
 
@@ -359,6 +361,7 @@ def prepare_for_kbit_training(
       to the deltas inside them;
     * makes bitsandbytes' CPU-packed 4-bit layout safe (:func:`guard_cpu_packing`).
     """
+    check_model("prepare_for_kbit_training", model)
     guard_cpu_packing(model)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -406,6 +409,7 @@ def merge_and_requantize(
     4-bit grid again, so this reports the output error that introduced on ``probe`` (model
     inputs as a dict, or token ids; default: 4 sequences of 32 seeded random token ids).
     """
+    check_model("merge_and_requantize", model)
     from ..api import merge_and_detach
 
     originals = {path: layer.attached_base for path, layer in delta_layers(model).items()

@@ -207,6 +207,10 @@ def _read_parquet(path: Path) -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------- layouts
 
 
+#: the roles chat templates know
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
 def detect_layout(record: dict[str, Any], where: str = "record") -> str:
     """Name of the layout (a key of :data:`LAYOUT_FIELDS`) that ``record`` is written in."""
     if "messages" in record:
@@ -225,6 +229,15 @@ def detect_layout(record: dict[str, Any], where: str = "record") -> str:
 
 
 def _to_example(record: dict[str, Any], layout: str, where: str, detected_from: str) -> Example:
+    example = _record_to_example(record, layout, where, detected_from)
+    if not example.completion.strip():
+        answer = {"messages": "the last message's content", "instruction": "'output'",
+                  "prompt/completion": "'completion'", "text": "'text'"}[layout]
+        raise DataError(f"{where}: {answer} is empty, so the record has nothing to learn; fill it in or remove the record")
+    return example
+
+
+def _record_to_example(record: dict[str, Any], layout: str, where: str, detected_from: str) -> Example:
     def text_field(name: str, required: bool = True) -> str:
         value = record.get(name)
         if value is None:
@@ -279,6 +292,8 @@ def _validated_messages(
                     "missing" if message.get(key) is None else f"a {type(message[key]).__name__}"
                 )
                 raise DataError(f"{where}: field '{field}.{key}' must be a string, is {problem}")
+        if message["role"] not in MESSAGE_ROLES:
+            raise DataError(f"{where}: field '{field}.role' is {message['role']!r}; allowed: {', '.join(MESSAGE_ROLES)}")
         turns.append({"role": message["role"], "content": message["content"]})
     if len(turns) < 2 or turns[-1]["role"] != "assistant":
         raise DataError(

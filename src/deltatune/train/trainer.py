@@ -47,7 +47,7 @@ from torch import nn
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
 from ..api import activate, after_optimizer_step, attach, calibrate, deltas, route, trainable_parameters
 from ..config import check_field_types, config as make_config, config_class, did_you_mean, read_mapping
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, Interrupted
 from ..heads import TASKS, TaskHead
 from ..io import load as load_delta
 from ..io import save as save_delta
@@ -55,7 +55,7 @@ from ..layer import delta_layers
 from ..methods.hyper import add_task, set_task, task_route
 from ..outputs import RunLock, check_output_dir, clear_run, write_atomically, write_text_atomically
 from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
-from ..report import summary
+from ..report import plan, summary
 from .data import (
     IGNORE_INDEX,
     Example,
@@ -387,6 +387,10 @@ def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str]
     hyper = delta_config.method == "hyperformer"
     if settings.from_delta is not None:
         return _load_for_tasks(model, settings, tasks, log)
+    planned = delta_config.replace(tasks=tuple(tasks)) if hyper and tasks else delta_config
+    oversized = plan(model, planned).oversized()  # deltas built on the meta device: said before any allocation
+    if oversized:
+        log(f"warning: {oversized}")
     if not tasks:
         attach(model, delta_config, settings.name)
         return [settings.name], TaskDeltas([])
@@ -616,10 +620,12 @@ class Trainer:
                 if s.overwrite and not s.resume:
                     clear_run(self.output_dir)
                 return self._run(accelerator)
-        except KeyboardInterrupt:
-            if self.phase != "training":  # the training loop reports its own checkpoint
-                self.log(f"\ninterrupted {self.phase}; {self.saved or 'nothing was trained yet, nothing saved'}")
+        except Interrupted:  # the training loop has said which checkpoint it saved
             raise
+        except KeyboardInterrupt:
+            message = f"interrupted {self.phase}; {self.saved or 'nothing was trained yet, nothing saved'}"
+            self.log(f"\n{message}")
+            raise Interrupted(message) from None
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
 
@@ -745,7 +751,9 @@ class Trainer:
             interrupted = True
             if main:
                 path = self._checkpoint(plain_model, optimizer, scheduler, step)
-                log(f"\ninterrupted at step {step}; saved {path}. Continue with the same command plus --resume")
+                message = f"interrupted at step {step}; saved {path}. Continue with the same command plus --resume"
+                log(f"\n{message}")
+                raise Interrupted(message) from None
             raise
         finally:
             if bar is not None:
@@ -798,7 +806,15 @@ class Trainer:
         """Save the trained delta; if the output directory fails (full, gone read-only), save it
         in a fresh temporary directory instead and say where, then report the failure."""
         try:
-            save_delta(model, delta_dir, self.names)
+            try:
+                save_delta(model, delta_dir, self.names)
+            except KeyboardInterrupt:  # the save is what keeps the training: finish it, then stop
+                self.log("\ninterrupted while saving the trained delta; finishing the save first "
+                         "(interrupt again to abandon it)")
+                save_delta(model, delta_dir, self.names)
+                message = f"interrupted after training; the trained delta is saved in {delta_dir}"
+                self.log(message)
+                raise Interrupted(message) from None
             return delta_dir
         except (OSError, ConfigError) as exc:
             rescue = Path(tempfile.mkdtemp(prefix="deltatune-rescued-")) / "delta"
