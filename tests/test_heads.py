@@ -252,3 +252,31 @@ def test_heads_cannot_go_in_composition_blocks():
     dt.attach(model, dt.HoulsbyConfig(), "b")
     with pytest.raises(dt.ConfigError, match="task head"):
         dt.activate(model, dt.Stack("a", "b"))
+
+
+def test_plan_compare_and_inspect_resolve_a_task_head_as_attach_does(tmp_path):
+    """Issue 20: dt.plan, dt.compare and `deltatune inspect --task` go through the placement
+    attach uses, so they find the same head module and count the same parameters."""
+    from typer.testing import CliRunner
+
+    from deltatune.cli.main import app
+
+    model = tiny_classifier("bert", num_labels=3)
+    config = dt.LoRAConfig(r=4, task_head=HEAD3)
+    planned = dt.plan(model, config)
+    comparison = dt.compare(model, [config, dt.BitFitConfig(task_head=HEAD3)])
+    dt.attach(model, config)
+    attached = {p for p, layer in delta_layers(model).items() if "default" in layer.deltas}
+    assert set(planned.paths) == attached and "classifier" in planned.paths
+    assert planned.delta_params == dt.count_parameters(model)[0]
+    assert comparison.rows[0][1:3] == (len(planned.paths), planned.delta_params) and not comparison.rows[0][3]
+
+    config_json = tmp_path / "config.json"
+    model.config.to_json_file(config_json)
+    result = CliRunner().invoke(app, ["inspect", "--config", str(config_json), "--task", "classify", "--labels", "3",
+                                      "--r", "4"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"trainable params: {planned.delta_params:,}" in result.output
+    every = CliRunner().invoke(app, ["inspect", "--config", str(config_json), "--task", "classify", "--method", "all"],
+                               catch_exceptions=False)
+    assert every.exit_code == 0 and "bitfit" in every.output, every.output

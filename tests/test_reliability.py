@@ -465,9 +465,9 @@ BAD_TRAIN_INPUT = [
     # silently wrong before: a key given twice took the last value, empty answers trained on nothing
     ("wrong", "yaml-key-twice", lambda t: _yaml(t, "r: 4\nr: 8\n"), ["the key 'r' is given twice"]),
     ("wrong", "data-empty-answers", lambda t: ("--data", _lines(t, "d.jsonl", '{"text": ""}\n' * 5)),
-     ["d.jsonl line 1: 'text' is empty, so the record has nothing to learn"]),
-    ("wrong", "data-empty-completion", lambda t: ("--data", _lines(t, "d.jsonl", '{"prompt": "a", "completion": " "}\n' * 5)),
-     ["'completion' is empty"]),
+     ["task 'd': the answers of all 4 records are empty (first: d.jsonl line", "nothing to learn"]),
+    ("wrong", "data-blank-completions", lambda t: ("--data", _lines(t, "d.jsonl", '{"prompt": "a", "completion": " "}\n' * 5)),
+     ["the answers of all 4 records are empty"]),
 ]
 
 
@@ -827,3 +827,13 @@ def test_interrupt_while_the_command_imports_is_one_line(tiny_dir, data_file, tm
     assert "Traceback" not in done.stdout + done.stderr
     assert done.stderr.strip() == "interrupted before deltatune train finished"
     assert not (tmp_path / "out").exists()
+
+
+@_fault("wrong")
+def test_some_empty_answers_are_named_and_the_run_goes_on(tiny_dir, data_file, tmp_path):
+    rows = data_file.read_text() + '{"instruction": "Upper-case:", "input": "zip", "output": ""}\n'
+    data = _file(tmp_path, "some-empty.jsonl", rows.encode())
+    result = train(tiny_dir, data, tmp_path / "out", "--eval-fraction", 0.2)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: 1 of" in text and "have an empty answer (first: some-empty.jsonl line 13)" in text

@@ -8,7 +8,6 @@ function reads the state it needs from those wrappers.
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -16,21 +15,16 @@ import torch
 from torch import nn
 
 from . import composition
-from .anatomy import analyze, check_model, is_linear_like, iter_modules
-from .backends import backend_for, layer_backend
+from .anatomy import analyze, check_model, iter_modules
 from .composition import Block, Parallel
-from .config import DeltaConfig, check_positive_int
-from .errors import ConfigError, TargetError
-from .heads import HeadLayer
-from .heads import resolve as resolve_head
+from .config import DeltaConfig, check_name, check_positive_int
+from .errors import ConfigError
 from .layer import DeltaLayer, Routing, delta_layers
-from .methods.fusion import FusionConfig
-from .methods.selective import ParameterCopy
+from .placement import place
 from .quant import guard_cpu_packing
-from .targets import in_selected_layers, lookup, pattern_matches, select, validate_layers
+from .targets import in_selected_layers, validate_layers
 from .upstream import passed_cache
 
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: set on the model at the first attach: parameter name -> requires_grad before deltatune froze it
 _SAVED_REQUIRES_GRAD = "_deltatune_requires_grad"
 #: set on the model while a Parallel block is active: the hook that replicates its inputs
@@ -65,7 +59,8 @@ def deltas(model: nn.Module) -> dict[str, DeltaInfo]:
     return found
 
 
-def _names(model: nn.Module, names: str | Iterable[str] | None, default: Iterable[str]) -> list[str]:
+def chosen_names(model: nn.Module, names: str | Iterable[str] | None, default: Iterable[str]) -> list[str]:
+    """``names`` (one, several, or None for ``default``), each checked to be attached to ``model``."""
     existing = deltas(model)
     chosen = [names] if isinstance(names, str) else list(default if names is None else names)
     for name in chosen:
@@ -84,131 +79,6 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         for child_name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, child_name, new)
-
-
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, DeltaLayer) else module
-
-
-def _trains_copy(config: DeltaConfig, path: str, modules: dict[str, nn.Module], anatomy) -> bool:
-    """Whether ``path`` is (inside) one of the config's ``modules_to_save``, or one of its task
-    head's other layers, trained as a full copy."""
-    if config.task_head is not None and path in (config.task_head.train or ()):
-        return True
-    if not config.modules_to_save:
-        return False
-    parts = path.split(".")
-    ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-    return any(
-        pattern_matches(p, a, modules[a], anatomy) for a in ancestors if a in modules for p in config.modules_to_save
-    )
-
-
-def _has_own_parameters(module: nn.Module) -> bool:
-    return next(_base_of(module).parameters(recurse=False), None) is not None
-
-
-def _saved_paths(model: nn.Module, config: DeltaConfig, anatomy) -> list[str]:
-    """The modules ``modules_to_save`` trains: each match and every module inside it that has
-    parameters of its own (a classification head made of several layers is copied whole)."""
-    chosen = select(
-        model, config.modules_to_save, accepts=lambda m, r: next(_base_of(m).parameters(), None) is not None,
-        what="modules_to_save", adapts="modules with parameters", anatomy=anatomy,
-    ).paths
-    return [
-        path for path, module in iter_modules(model)
-        if any(path == c or path.startswith(c + ".") for c in chosen) and _has_own_parameters(module)
-    ]
-
-
-def _resolve_paths(model: nn.Module, config: DeltaConfig, paths: Sequence[str] | None):
-    anatomy = analyze(model)
-    if isinstance(config, FusionConfig):  # goes where its adapters are
-        paths = config.placement(delta_layers(model), paths)
-    head = config.task_head
-    if paths is None:
-        saved = _saved_paths(model, config, anatomy) if config.modules_to_save else []
-        if head is not None:
-            saved = [p for p in saved if p not in head.paths()] + list(head.paths())
-        selection = select(
-            model,
-            config.target_spec,
-            exclude=config.exclude,
-            layers=config.layer_spec,
-            accepts=config.accepts,
-            each_must_match=config.targets is not None,
-            what=f"method {config.method!r}",
-            adapts=config.adapts,
-            anatomy=anatomy,
-        )
-        # a module trained as a full copy (or a head) needs no other delta of the same config
-        adapted = [p for p in config.expand(list(selection.paths), anatomy) if p not in saved]
-        return adapted + saved, anatomy
-    modules = dict(iter_modules(model))
-    for path in paths:
-        if path not in modules:
-            raise TargetError(f"module {path!r} does not exist in this model")
-        if head is not None and path == head.module:
-            if not is_linear_like(_base_of(modules[path])):
-                raise TargetError(f"task_head module {path} is {type(_base_of(modules[path])).__name__}, not a linear layer")
-        elif _trains_copy(config, path, modules, anatomy):
-            if not _has_own_parameters(modules[path]):
-                raise TargetError(f"modules_to_save: {path} ({type(modules[path]).__name__}) has no parameters of its own")
-        elif not config.accepts(modules[path], anatomy.role_of.get(path)):
-            raise TargetError(f"method {config.method!r} cannot adapt {path} ({type(modules[path]).__name__})")
-    return list(paths), anatomy
-
-
-def _check_quantized_base(model: nn.Module, config: DeltaConfig, paths: Sequence[str], anatomy) -> None:
-    quantized = [p for p in paths if (b := backend_for(_base_of(model.get_submodule(p)))) is not None and b.quantized]
-    modules = dict(iter_modules(model)) if quantized and config.modules_to_save else {}
-    for path in quantized:
-        backend = backend_for(_base_of(model.get_submodule(path)))
-        if _trains_copy(config, path, modules, anatomy):
-            raise ConfigError(
-                f"modules_to_save: {path} is {backend.kind}, and a quantized weight cannot be trained as a "
-                "full copy (quantize with skip=[...] to keep it in full precision)"
-            )
-        if config.quantized_base_blocker is not None:
-            raise ConfigError(
-                f"method {config.method!r} is not supported on a quantized base ({path} is {backend.kind}): "
-                f"{config.quantized_base_blocker}"
-            )
-
-
-def _build_all(model, config, paths, anatomy, initialize, device=None):
-    """One delta per path; ``options`` carries per-module values (rank patterns...), the
-    module's role and, for dry runs, the device. ``config.link`` then wires deltas that work
-    together (a parallel adapter's input tap, factors shared across layers)."""
-    modules = dict(iter_modules(model))
-    built, copies = {}, {}
-    for path in paths:
-        base = modules[path]
-        options = {
-            key: lookup(patterns, path, base, anatomy, getattr(config, key, None))
-            for key, patterns in config.per_module_options().items()
-        }
-        options["role"] = anatomy.role_of.get(path)
-        options["anatomy"] = anatomy
-        if device is not None:
-            options["device"] = device
-        if config.task_head is not None and path == config.task_head.module:
-            copies[path] = HeadLayer(config, layer_backend(_base_of(base)), initialize, device)
-        elif _trains_copy(config, path, modules, anatomy):
-            copies[path] = ParameterCopy(config, _base_of(base), initialize, device)
-        else:
-            built[path] = config.build(path, base, options, initialize=initialize)
-    config.link(built, anatomy)
-    return built | copies
-
-
-def resolve_placement(model: nn.Module, config: DeltaConfig, paths: Sequence[str] | None = None):
-    """Where ``config`` goes on ``model``: (the config with its task head resolved to a module,
-    the module paths it adapts, the model's anatomy). ``paths`` skips target matching."""
-    if config.task_head is not None and paths is None:
-        config = config.replace(task_head=resolve_head(model, config.task_head, analyze(model)))
-    chosen, anatomy = _resolve_paths(model, config, paths)
-    return config, chosen, anatomy
 
 
 def check_model_and_config(what: str, model: object, config: object) -> None:
@@ -238,16 +108,15 @@ def attach(
     resolution (used when loading a checkpoint that lists its modules).
     """
     check_model_and_config("attach", model, config)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"delta name must be letters, digits, '_' or '-', got {name!r}")
+    check_name("delta name", name)
     if any(name in layer.deltas for layer in delta_layers(model).values()):  # not deltas(): no counting
         raise ConfigError(f"a delta named {name!r} is already attached; detach it first or choose another name")
-    config, chosen, anatomy = resolve_placement(model, config, paths)
-    _check_quantized_base(model, config, chosen, anatomy)
+    placement = place(model, config, paths)
+    placement.check_quantized_base()
     # every 4-bit layer, adapted or not, passes gradients to the deltas around it
     guard_cpu_packing(model)
-    built = _build_all(model, config, chosen, anatomy, initialize)
-    fusion = isinstance(config, FusionConfig)
+    built = placement.build(initialize)
+    block = placement.config.activation_block(name)
 
     if not delta_layers(model):
         setattr(model, _SAVED_REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
@@ -262,21 +131,20 @@ def attach(
         # new modules start in training mode; on a model in eval mode that would switch on dropout
         layer.training = layer.deltas.training = layer.base.training
         delta.train(layer.base.training)
-        # a fusion runs only inside its Fuse block, activated below
-        layer.set_active(layer.active + (name,) if activate and not fusion else layer.active)
-    if fusion:
-        if activate:
-            try:
-                _activate_block(model, config.block(name))
-            except ConfigError:
-                detach(model, [name])
-                raise
-        _freeze(model, config.adapters)
+        # a delta that runs inside a block (an AdapterFusion) is activated with its block, below
+        layer.set_active(layer.active + (name,) if activate and block is None else layer.active)
+    if block is not None and activate:
+        try:
+            _activate_block(model, block)
+        except ConfigError:
+            detach(model, [name])
+            raise
+    _freeze(model, placement.config.builds_on())
     return model
 
 
 def _freeze(model: nn.Module, names: Iterable[str]) -> None:
-    """Stop training the named deltas (AdapterFusion trains over frozen adapters)."""
+    """Stop training the named deltas (a delta over other deltas trains over frozen ones)."""
     chosen = set(names)
     for layer in delta_layers(model).values():
         for name, delta in layer.deltas.items():
@@ -287,7 +155,7 @@ def _freeze(model: nn.Module, names: Iterable[str]) -> None:
 def detach(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Remove deltas (all by default), unmerging them first; restores the original modules."""
     check_model("detach", model)
-    chosen = set(_names(model, names, deltas(model)))
+    chosen = set(chosen_names(model, names, deltas(model)))
     block = active_block(model)
     if block is not None and chosen & set(block.names()):
         _switch_off_block(model)  # a block missing a part would mean something else
@@ -327,15 +195,15 @@ def activate(model: nn.Module, names: str | Iterable[str] | Block, *, exclusive:
         if not exclusive:
             raise ConfigError("a composition block is activated on its own (exclusive=True); put every delta in it")
         return _activate_block(model, names)
-    chosen = _names(model, names, ())
+    chosen = chosen_names(model, names, ())
     infos = deltas(model)
-    fusions = [n for n in chosen if isinstance(infos[n].config, FusionConfig)]
-    if fusions:
-        adapters = ", ".join(map(repr, infos[fusions[0]].config.adapters))
-        raise ConfigError(
-            f"delta {fusions[0]!r} is an AdapterFusion layer; it runs inside its block: "
-            f"dt.activate(model, dt.Fuse({adapters}, fusion={fusions[0]!r}))"
-        )
+    for name in chosen:
+        block = infos[name].config.activation_block(name)
+        if block is not None:
+            raise ConfigError(
+                f"delta {name!r} is a {infos[name].config.method} delta; it runs inside its block: "
+                f"dt.activate(model, dt.{block!r})"
+            )
     if active_block(model) is not None:
         if not exclusive:
             raise ConfigError("a composition block is active; add deltas to the block, or switch to plain names")
@@ -353,7 +221,7 @@ def deactivate(model: nn.Module, names: str | Iterable[str] | None = None) -> nn
     """Make deltas inactive (all by default); their parameters stay attached. Deactivating any
     delta of an active composition block switches the whole block off."""
     check_model("deactivate", model)
-    chosen = set(_names(model, names, deltas(model)))
+    chosen = set(chosen_names(model, names, deltas(model)))
     for layer in delta_layers(model).values():
         merged = [n for n in layer.merged if n in chosen]
         if merged:
@@ -385,7 +253,7 @@ def _switch_off_block(model: nn.Module) -> None:
 
 
 def _activate_block(model: nn.Module, block: Block) -> nn.Module:
-    names = _names(model, block.names(), ())
+    names = chosen_names(model, block.names(), ())
     layers = delta_layers(model)
     if any(layer.routing is not None for layer in layers.values()):
         raise ConfigError("a mixed batch is being routed (dt.route); activate a block outside the route() block")
@@ -547,7 +415,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, keep_ex
     """
     check_model("merge", model)
     infos = deltas(model)
-    chosen = _names(model, names, [n for n, i in infos.items() if i.active])
+    chosen = chosen_names(model, names, [n for n, i in infos.items() if i.active])
     _check_mergeable(model, chosen)
     for layer in delta_layers(model).values():
         layer.merge([n for n in chosen if n in layer.deltas], keep_exact=keep_exact)
@@ -558,7 +426,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *, keep_ex
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
     """Take merged deltas (all by default) back out of the weights; they stay active."""
     check_model("unmerge", model)
-    chosen = _names(model, names, [n for n, i in deltas(model).items() if i.merged])
+    chosen = chosen_names(model, names, [n for n, i in deltas(model).items() if i.merged])
     for layer in delta_layers(model).values():
         layer.unmerge(chosen)
     return model
@@ -572,7 +440,7 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None)
     """
     check_model("merge_and_detach", model)
     infos = deltas(model)
-    chosen = _names(model, names, [n for n, i in infos.items() if i.active])
+    chosen = chosen_names(model, names, [n for n, i in infos.items() if i.active])
     _check_mergeable(model, chosen)
     for path, layer in delta_layers(model).items():
         layer.merge([n for n in chosen if n in layer.deltas], keep_exact=False)
@@ -592,7 +460,7 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
     check_model("route", model)
     infos = deltas(model)
     wanted = [n for n in dict.fromkeys(names_per_sample) if n is not None]
-    _names(model, wanted, ())
+    chosen_names(model, wanted, ())
     for name in wanted:
         if not infos[name].config.supports_mixed_batch:
             raise ConfigError(f"method {infos[name].config.method!r} of delta {name!r} does not support mixed batches")
@@ -606,8 +474,8 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
         )
     routing = Routing(list(names_per_sample))
     layers = list(delta_layers(model).values())
-    if any(getattr(d, "per_sample_tasks", None) is not None for layer in layers for d in layer.deltas.values()):
-        raise ConfigError("deltatune.task_route is active: a hyperformer delta's per-sample tasks cannot be "
+    if any(d.per_sample_tasks is not None for layer in layers for d in layer.deltas.values()):
+        raise ConfigError("deltatune.task_route is active: a delta's per-sample tasks cannot be "
                           "combined with route(); route its tasks with task_route alone")
     for layer in layers:
         layer.routing = routing
@@ -622,7 +490,7 @@ def trainable_parameters(model: nn.Module, names: str | Iterable[str] | None = N
     """Parameters of the named deltas (the active ones by default), for an optimizer."""
     check_model("trainable_parameters", model)
     infos = deltas(model)
-    chosen = set(_names(model, names, [n for n, i in infos.items() if i.active]))
+    chosen = set(chosen_names(model, names, [n for n, i in infos.items() if i.active]))
     params: list[nn.Parameter] = []
     for layer in delta_layers(model).values():
         for name, delta in layer.deltas.items():
@@ -647,7 +515,7 @@ def calibrate(
     """
     check_model("calibrate", model)
     infos = deltas(model)
-    chosen = set(_names(model, names, [n for n, i in infos.items() if i.active]))
+    chosen = set(chosen_names(model, names, [n for n, i in infos.items() if i.active]))
     waiting = [
         (layer, delta)
         for layer in delta_layers(model).values()
@@ -688,12 +556,11 @@ def fold(model: nn.Module, names: str | Iterable[str] | None = None) -> int:
     encoder) by the plain tensors they produce now: the outputs stay the same, the encoders'
     parameters are dropped. Saving always stores the folded form. Returns how many deltas folded."""
     check_model("fold", model)
-    chosen = set(_names(model, names, deltas(model)))
+    chosen = set(chosen_names(model, names, deltas(model)))
     folded = 0
     for layer in delta_layers(model).values():
         for name, delta in layer.deltas.items():
-            if name in chosen and hasattr(delta, "fold"):
-                delta.fold()
+            if name in chosen and delta.fold():
                 folded += 1
     return folded
 

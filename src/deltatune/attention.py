@@ -185,7 +185,7 @@ class AttentionDelta(Delta):
     """A delta on an attention module. Subclasses implement :meth:`extra_keys_values` (prefix
     tuning) and/or :meth:`extra_output` (LLaMA-Adapter)."""
 
-    wraps_call = True
+    acts_on = "call"
     adds_keys = False
     adds_output = False
     #: (batch, queries) weights of this delta's keys, set for the duration of a call by gated

@@ -35,17 +35,15 @@ Blocks serialise to JSON-able dicts: ``{"stack": ["lang", {"fuse": ["a", "b"], "
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .config import NAME
 from .errors import ConfigError
-from .methods.fusion import Fusion
+from .layer import rows_per_sample
 from .sublayers import BesideSublayer, InputTap
-
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class Block:
@@ -69,7 +67,7 @@ class Block:
                     "at the model input, so it can only be the outermost block"
                 )
             if isinstance(child, str):
-                if not _NAME.match(child):
+                if not NAME.match(child):
                     raise ConfigError(f"{child!r} is not a delta name (letters, digits, '_' or '-')")
             elif not isinstance(child, Block):
                 raise ConfigError(
@@ -203,7 +201,7 @@ class Fuse(Block):
 
     def __init__(self, *children, fusion: str | None = None):
         super().__init__(*children)
-        if not isinstance(fusion, str) or not _NAME.match(fusion):
+        if not isinstance(fusion, str) or not NAME.match(fusion):
             raise ConfigError(
                 f"Fuse needs fusion='<name>', the name of an attached fusion delta "
                 f"(dt.attach(model, dt.FusionConfig(adapters=[...]), name)), got {fusion!r}"
@@ -231,14 +229,8 @@ class Fuse(Block):
         return layer.deltas[self.fusion].fuse(h, changes)
 
 
-def _rows_per_sample(rows: int, samples: int, what: str) -> int:
-    if rows % samples:
-        raise ValueError(f"{what} covers {samples} samples but the layer saw a batch of {rows} rows")
-    return rows // samples
-
-
 def _split_rows(children, sizes, layer, x, h, what) -> Tensor:
-    repeat = _rows_per_sample(x.shape[0], sum(sizes), what)
+    repeat = rows_per_sample(x.shape[0], sum(sizes), what)
     pieces, start = [], 0
     for child, size in zip(children, sizes):
         rows = slice(start, start + size * repeat)
@@ -276,23 +268,24 @@ class Parallel(Block):
 
     def __call__(self, layer, x, h):
         k = len(self.children)
-        _rows_per_sample(x.shape[0], k, f"Parallel over {k} replicas")
+        rows_per_sample(x.shape[0], k, f"Parallel over {k} replicas")
         return _split_rows(self.children, [1] * k, layer, x, h, "Parallel")
 
 
 BLOCKS: dict[str, type[Block]] = {cls.key: cls for cls in (Stack, Fuse, Average, BatchSplit, Parallel)}
 
 
+#: why a delta acting elsewhere than on its layer's output (Delta.acts_on) cannot be in a block
+_NOT_COMPOSABLE = {
+    "call": "it wraps a whole module's call (prefixes, prompts), so it has no output of its own to combine",
+    "input": "it changes its layer's input rather than its output",
+    "parameters": "it runs its layer with other parameter values rather than acting on its output",
+    "new output": "it is a task head, which replaces its layer's output rather than adding to it",
+}
+
+
 def _why_not_composable(delta) -> str | None:
-    if delta.wraps_call:
-        return "it wraps a whole module's call (prefixes, prompts), so it has no output of its own to combine"
-    if delta.transforms_input:
-        return "it changes its layer's input rather than its output"
-    if delta.overrides_parameters:
-        return "it runs its layer with other parameter values rather than acting on its output"
-    if delta.replaces_output:
-        return "it is a task head, which replaces its layer's output rather than adding to it"
-    return None
+    return _NOT_COMPOSABLE.get(delta.acts_on)
 
 
 def check(block: Block, layers: Mapping[str, Any]) -> None:
@@ -306,11 +299,12 @@ def check(block: Block, layers: Mapping[str, Any]) -> None:
             delta = layer.deltas[name]
             if name in layer.merged:
                 raise ConfigError(f"delta {name!r} is merged into the weights of {path}; unmerge it to compose it")
-            if (name in fusions) != isinstance(delta, Fusion):
+            runs_in_fuse = isinstance(delta.config.activation_block(name), Fuse)
+            if (name in fusions) != runs_in_fuse:
                 raise ConfigError(
                     f"{name!r} is a fusion delta: use it as Fuse(..., fusion={name!r})" if name not in fusions
                     else f"Fuse(..., fusion={name!r}): {name!r} is a {delta.config.method} delta, not a fusion "
-                    "(dt.FusionConfig)"
+                    "(a config whose deltas run inside a Fuse block, as AdapterFusion's do)"
                 )
             reason = _why_not_composable(delta)
             if reason:

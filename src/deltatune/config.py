@@ -15,7 +15,7 @@ import types
 import typing
 from importlib import import_module
 from pathlib import Path
-from typing import Any, ClassVar, Hashable, Mapping
+from typing import Any, ClassVar, Hashable, Mapping, Sequence
 
 import yaml
 
@@ -104,6 +104,9 @@ class DeltaConfig:
     default_lr: ClassVar[float] = 2e-3
     #: False for a method that works over other attached deltas and cannot be trained alone
     standalone: ClassVar[bool] = True
+    #: one delta serves every task of a multi-task run, conditioned on each sample's task (a
+    #: hypernetwork); it implements the multi-task hooks below and always trains with task names
+    serves_all_tasks: ClassVar[bool] = False
 
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -180,6 +183,63 @@ class DeltaConfig:
 
     def link(self, built: dict[str, Any], anatomy: Any) -> None:
         """Wire the deltas of one attach together, after all are built (default: nothing)."""
+
+    def paths_from_attached(self, layers: Mapping[str, Any], paths: Sequence[str] | None) -> Sequence[str] | None:
+        """The paths to adapt when they follow from the deltas already attached (``layers``:
+        path -> DeltaLayer), or ``paths`` unchanged (None: match the targets). A method over
+        other deltas (AdapterFusion) goes where they are."""
+        return paths
+
+    def numerics(self) -> dict[str, str]:
+        """What a saved delta_config.json records of how the method computes (e.g. LoRA's
+        scale rule), for readers of the file; default nothing."""
+        return {}
+
+    # deltas over other deltas -----------------------------------------------------------------
+
+    def builds_on(self) -> tuple[str, ...]:
+        """Names of the attached deltas this one works over (they load first and stay frozen
+        while it trains); default none."""
+        return ()
+
+    def activation_block(self, name: str) -> Any:
+        """The composition block a delta called ``name`` runs inside (it is never active on its
+        own), or None for a delta that is activated by name (default)."""
+        return None
+
+    # training ---------------------------------------------------------------------------------
+
+    @property
+    def calibration_batches(self) -> int:
+        """How many training batches :func:`deltatune.calibrate` shows the deltas before the
+        optimizer is built (a method that decides its structure from data; a method makes it
+        a field); default 0."""
+        return 0
+
+    # multi-task runs: by default one delta per task, routed by name; a method with
+    # ``serves_all_tasks`` trains one delta conditioned on each sample's task instead
+
+    def for_tasks(self, tasks: Sequence[str]) -> "DeltaConfig":
+        """With ``serves_all_tasks``: this config for one delta serving ``tasks``."""
+        raise NotImplementedError(f"method {self.method!r} trains one delta per task")
+
+    def known_tasks(self) -> tuple[str, ...]:
+        """With ``serves_all_tasks``: the tasks a delta of this config serves."""
+        raise NotImplementedError(f"method {self.method!r} trains one delta per task")
+
+    def add_tasks(self, model: Any, name: str, tasks: Sequence[str]) -> str:
+        """With ``serves_all_tasks``: teach the attached delta ``name`` new ``tasks``, training
+        only what is new for them; says what that is, for the run's log."""
+        raise NotImplementedError(f"method {self.method!r} trains one delta per task")
+
+    def task_batch(self, model: Any, name: str, tasks: Sequence[str | None]) -> Any:
+        """With ``serves_all_tasks``: the context a batch runs in whose sample i is of task
+        ``tasks[i]``, through the delta ``name``."""
+        raise NotImplementedError(f"method {self.method!r} trains one delta per task")
+
+    def select_task(self, model: Any, name: str, task: str) -> None:
+        """With ``serves_all_tasks``: run the delta ``name`` as task ``task`` from now on."""
+        raise NotImplementedError(f"method {self.method!r} trains one delta per task")
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -296,6 +356,34 @@ _Yaml12Loader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """Parse YAML safely (no tags that build objects), with YAML 1.2's numbers."""
     return yaml.load(text, Loader=_Yaml12Loader)
+
+
+#: what a delta's trained values are stored in; "auto": fp32 on a half-precision base, else the base's dtype
+PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+#: a delta's (or task's) name: it becomes a directory name and a state-dict key
+NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def master_dtype(dtype):
+    """The dtype trained values keep beside a base in ``dtype``: fp32 on a half-precision base
+    (stable optimizer updates), else the base's own."""
+    import torch
+
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def param_dtype(choice: str, base_dtype):
+    """A config's ``param_dtype`` (one of :data:`PARAM_DTYPES`) for a layer whose base is in ``base_dtype``."""
+    import torch
+
+    return master_dtype(base_dtype) if choice == "auto" else getattr(torch, choice)
+
+
+def check_name(what: str, value: object) -> None:
+    """Raise ConfigError unless ``value`` is a name (:data:`NAME`)."""
+    if not isinstance(value, str) or not NAME.match(value):
+        raise ConfigError(f"{what} must be letters, digits, '_' or '-', got {value!r}")
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

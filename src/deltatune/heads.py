@@ -49,9 +49,15 @@ from torch import Tensor, nn
 from .anatomy import is_linear_like, iter_modules
 from .backends import Backend
 from .errors import ConfigError, TargetError
-from .layer import Delta
+from .layer import Delta, base_of, has_own_parameters
 
 TASKS = ("classify", "multilabel", "regression", "tag")
+
+
+def model_kind(task: str) -> str:
+    """The transformers task model a head task loads (a key of ``models.TASK_MODEL_CLASSES``)."""
+    return "token-classification" if task == "tag" else "sequence-classification"
+
 #: label value the tagging loss ignores (pad positions, continuation pieces of a word)
 IGNORE_INDEX = -100
 #: the standard deviation of a new head's weights (Hugging Face's usual initializer_range)
@@ -169,7 +175,6 @@ def _body_path(model: nn.Module, modules: dict[str, nn.Module]) -> str | None:
 
 def resolve(model: nn.Module, head: TaskHead, anatomy: Any) -> TaskHead:
     """``head`` with its ``module`` and ``train`` paths found (or checked) in ``model``."""
-    from .api import _base_of, _has_own_parameters
     from .targets import suggest
 
     modules = dict(iter_modules(model))
@@ -182,11 +187,11 @@ def resolve(model: nn.Module, head: TaskHead, anatomy: Any) -> TaskHead:
     # the layers outside the body are the ones the task model added (none known without a body)
     candidates = [] if body is None else [
         path for path, module in modules.items()
-        if path and path != body and not path.startswith(body + ".") and _has_own_parameters(module)
+        if path and path != body and not path.startswith(body + ".") and has_own_parameters(module)
     ]
     output = head.module
     if output is None:
-        linear = [p for p in candidates if is_linear_like(_base_of(modules[p]))]
+        linear = [p for p in candidates if is_linear_like(base_of(modules[p]))]
         if not linear:
             raise TargetError(f"{type(model).__name__} has no linear layer outside its body to replace with a task head")
         output = linear[-1]
@@ -199,11 +204,11 @@ def resolve(model: nn.Module, head: TaskHead, anatomy: Any) -> TaskHead:
             "Load the model for the task: AutoModelForSequenceClassification (classify, multilabel, "
             "regression) or AutoModelForTokenClassification (tag)"
         )
-    if not is_linear_like(_base_of(modules[output])):
-        raise TargetError(f"task_head module {output} is {type(_base_of(modules[output])).__name__}, not a linear layer")
+    if not is_linear_like(base_of(modules[output])):
+        raise TargetError(f"task_head module {output} is {type(base_of(modules[output])).__name__}, not a linear layer")
     train = head.train if head.train is not None else tuple(p for p in candidates if p != output)
     for path in train:
-        if not _has_own_parameters(modules[path]):
+        if not has_own_parameters(modules[path]):
             raise TargetError(f"task_head train module {path} has no parameters of its own")
     return dataclasses.replace(head, module=output, train=tuple(train))
 
@@ -211,7 +216,7 @@ def resolve(model: nn.Module, head: TaskHead, anatomy: Any) -> TaskHead:
 class HeadLayer(Delta):
     """logits = W_h x + b_h in place of the output layer's own (whose width may differ)."""
 
-    replaces_output = True
+    acts_on = "new output"
     merge_depends_on_weight = True
 
     def __init__(self, config: Any, backend: Backend, initialize: bool, device: torch.device | None):

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import peft_format
-from .anatomy import analyze, check_model, iter_modules
-from .api import _build_all, _names, attach, base_model_name, delete, deltas
+from .anatomy import check_model, iter_modules
+from .placement import place
+from .api import attach, base_model_name, chosen_names, delete, deltas
 from .backends import layer_backend
 from .config import DeltaConfig, check_choice
 from .errors import CheckpointError
@@ -72,7 +73,7 @@ def save(
     check_model("save", model)
     check_choice("format", format, FORMATS)
     infos = deltas(model)
-    chosen = _names(model, names, infos)
+    chosen = chosen_names(model, names, infos)
     if not chosen:
         raise CheckpointError("this model has no delta to save; attach one first")
     root = Path(path)
@@ -142,9 +143,7 @@ def _numerics(module_deltas: list[nn.Module]) -> dict:
     first = next((p for d in module_deltas for p in d.parameters()), None)
     described = {"param_dtype": str(first.dtype).removeprefix("torch.") if first is not None else None}
     config = getattr(module_deltas[0], "config", None)
-    if getattr(config, "method", None) == "lora":
-        described["scale"] = "alpha/sqrt(r)" if config.rslora else "alpha/r"
-    return described
+    return described | (config.numerics() if config is not None else {})
 
 
 def _digest(path: Path) -> str:
@@ -250,10 +249,9 @@ def load(
     if name is not None and len(directories) > 1:
         raise CheckpointError(f"{str(path)!r} holds {len(directories)} deltas; load them without a name")
     names = []
+    read = [(d, meta, DeltaConfig.from_dict(meta["config"])) for d in directories for meta in [_read_meta(d)]]
     # a delta over other deltas (an AdapterFusion over its adapters) loads after them
-    metas = sorted(((d, _read_meta(d)) for d in directories), key=lambda item: bool(item[1]["config"].get("adapters")))
-    for directory, meta in metas:
-        config = DeltaConfig.from_dict(meta["config"])
+    for directory, meta, config in sorted(read, key=lambda item: bool(item[2].builds_on())):
         delta_name = name or meta.get("name", "default")
         tensors = _read_tensors(directory, meta)
         per_module = _group_by_module(tensors, model)
@@ -326,7 +324,7 @@ def _check_fit(model, config, meta, per_module, directory, strict) -> list[str]:
 
 def _same_shapes(model, config, paths, per_module) -> list[str]:
     """The paths whose saved tensors have the shapes this config's delta has there."""
-    built = _build_all(model, config, paths, analyze(model), initialize=False, device=torch.device("meta"))
+    built = place(model, config, paths).build(initialize=False, device=torch.device("meta"))
     fitting = []
     for p in paths:
         # a delta that stores a compressed form (SparseAdapter) is checked by key only

@@ -16,32 +16,35 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .backends import Backend, layer_backend
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+#: the points at which a delta changes its layer's computation (:attr:`Delta.acts_on`)
+ACTS_ON = ("output", "input", "parameters", "call", "new output")
 
 
 class Delta(nn.Module):
     """One named delta on one base layer; each method subclasses it.
 
-    A delta changes its layer's computation at one or more of three points, each declared by a
-    class flag so the layer skips what a method does not use:
+    A delta changes its layer's computation at one point, which ``acts_on`` (one of
+    :data:`ACTS_ON`, a class attribute or set per instance) declares, so the layer runs only
+    what is used:
 
-    * ``forward(x, base_out, backend)`` -> the new output, given the layer's input and the base
-      layer's output (LoRA, bottleneck adapters, BitFit's bias): the default keeps ``base_out``;
-    * ``transform_input(x, backend)`` when ``transforms_input``: the input the base layer (and
-      the other deltas) see, e.g. (IA)³'s rescaling of the FFN hidden activation;
-    * ``parameter_values(backend)`` when ``overrides_parameters``: values the base module runs
-      with in place of its own parameters (trained copies: LN tuning, top layers). Several such
-      deltas active at once combine as base + Σ (values − base), in the forward and when merged.
-
-    A delta on a container module (an attention module, the model body) sets ``wraps_call``
-    and implements :meth:`call` instead: it runs the module's whole call, changing its
-    arguments, its result, or what its attention reads (prefixes, prompts).
-
-    A delta with ``replaces_output`` (a task head, :mod:`deltatune.heads`) returns an output
-    of its own that may differ in width from the base layer's; under :func:`deltatune.route`
-    rows of different widths are padded to the widest (see :func:`padded_rows`).
+    * ``"output"``: ``forward(x, base_out, backend)`` -> the new output, given the layer's input
+      and the base layer's output (LoRA, bottleneck adapters, BitFit's bias);
+    * ``"input"``: ``transform_input(x, backend)``, the input the base layer (and the other
+      deltas) see, e.g. (IA)³'s rescaling of the FFN hidden activation;
+    * ``"parameters"``: ``parameter_values(backend)``, values the base module runs with in place
+      of its own parameters (trained copies: LN tuning, top layers). Several such deltas active
+      at once combine as base + Σ (values − base), in the forward and when merged;
+    * ``"call"``: :meth:`call`, for a delta on a container module (an attention module, the
+      model body): it runs the module's whole call, changing its arguments, its result, or what
+      its attention reads (prefixes, prompts);
+    * ``"new output"``: ``forward`` returns an output of its own that may differ in width from
+      the base layer's (a task head, :mod:`deltatune.heads`); under :func:`deltatune.route`
+      rows of different widths are padded to the widest (see :func:`padded_rows`).
 
     A mergeable delta implements :meth:`merge_update` (a linear layer's ΔW and Δbias) or, for
     any other parameters, :meth:`merge_parameters`.
@@ -50,10 +53,8 @@ class Delta(nn.Module):
     #: merging changes W by an amount that depends on W itself (DoRA, IA3, parameter copies),
     #: so unmerging must restore a copy rather than subtract
     merge_depends_on_weight = False
-    transforms_input = False
-    overrides_parameters = False
-    wraps_call = False
-    replaces_output = False
+    #: where the delta acts: one of ACTS_ON (class docstring)
+    acts_on = "output"
     #: set (per instance) when the delta decides part of its structure from a few batches of
     #: data, in :func:`deltatune.calibrate` (FAR's columns, SparseAdapter's gradient pruning)
     needs_calibration = False
@@ -70,7 +71,7 @@ class Delta(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not override its layer's parameters")
 
     def call(self, module: nn.Module, run, args: tuple, kwargs: dict, rows: "RowSelector"):
-        """With ``wraps_call``: the result of calling ``module`` (the base module), where
+        """With ``acts_on == "call"``: the result of calling ``module`` (the base module), where
         ``run(*args, **kwargs)`` calls it (through the deltas wrapped inside this one). ``rows``
         says which samples of the batch this delta applies to under :func:`deltatune.route`."""
         raise NotImplementedError(f"{type(self).__name__} does not wrap its module's call")
@@ -133,6 +134,25 @@ class Delta(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after every optimizer step (e.g. iterative pruning)."""
 
+    #: under :func:`deltatune.task_route`: the task of each sample of the batch (a delta that
+    #: routes tasks itself, e.g. a hypernetwork's); None otherwise
+    per_sample_tasks: list[str | None] | None = None
+
+    def fold(self) -> bool:
+        """Replace a training-time reparameterisation (prefix tuning's MLP, P-tuning's
+        encoder) by the plain tensors it produces now, outputs unchanged; whether this delta
+        is one that folds (default: no)."""
+        return False
+
+
+def rows_per_sample(rows: int, samples: int, what: str) -> int:
+    """How many rows of a batch each of ``samples`` samples has: generation repeats every sample
+    in place (beams, several sequences per prompt), so row r belongs to sample r // that."""
+    if rows % samples:
+        raise ConfigError(f"{what} covers {samples} samples but the layer saw a batch of {rows} rows; "
+                          "give one per sample of the batch")
+    return rows // samples
+
 
 class Routing:
     """Which samples of a batch each delta applies to (set by :func:`deltatune.route`).
@@ -148,13 +168,7 @@ class Routing:
     def rows_for(self, rows: int, device: torch.device) -> dict[str, Tensor]:
         key = (rows, device)
         if key not in self._cache:
-            samples = len(self.names_per_sample)
-            if rows % samples:
-                raise ValueError(
-                    f"route() was given {samples} names but the layer saw a batch of {rows} rows; "
-                    "give one name per sample"
-                )
-            repeat = rows // samples
+            repeat = rows_per_sample(rows, len(self.names_per_sample), "route()'s list of names")
             groups: dict[str, list[int]] = {}
             for row in range(rows):
                 name = self.names_per_sample[row // repeat]
@@ -224,9 +238,9 @@ class DeltaLayer(nn.Module):
         self._unmerged = tuple(n for n in self.active if n not in self.merged)
         chosen = [self.deltas[n] for n in self._unmerged]
         # the common case (only additive deltas) keeps the fastest path
-        self._plain = not any(d.transforms_input or d.overrides_parameters for d in chosen)
-        self._wrapping = tuple(n for n in self._unmerged if self.deltas[n].wraps_call)
-        self._holds_wrapping = any(d.wraps_call for d in self.deltas.values())
+        self._plain = not any(d.acts_on in ("input", "parameters") for d in chosen)
+        self._wrapping = tuple(n for n in self._unmerged if self.deltas[n].acts_on == "call")
+        self._holds_wrapping = any(d.acts_on == "call" for d in self.deltas.values())
 
     def forward(self, *args, **kwargs):
         if self.dropped:
@@ -251,7 +265,7 @@ class DeltaLayer(nn.Module):
 
     def _routed_wrapping(self) -> tuple[str, ...]:
         present = dict.fromkeys(n for n in self.routing.names_per_sample if n is not None)
-        return tuple(n for n in present if n in self.deltas and self.deltas[n].wraps_call)
+        return tuple(n for n in present if n in self.deltas and self.deltas[n].acts_on == "call")
 
     def _wrapped_call(self, names: tuple[str, ...], args: tuple, kwargs: dict):
         """Each wrapping delta runs the call of the next one; the innermost runs the module."""
@@ -263,15 +277,15 @@ class DeltaLayer(nn.Module):
     def _forward_with(self, names: tuple[str, ...], x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         chosen = [self.deltas[n] for n in names]
         for delta in chosen:
-            if delta.transforms_input:
+            if delta.acts_on == "input":
                 x = delta.transform_input(x, self.backend)
-        overriding = [d for d in chosen if d.overrides_parameters]
+        overriding = [d for d in chosen if d.acts_on == "parameters"]
         if overriding:
             out = functional_call(self.base, self._combined_values(overriding), (x, *args), kwargs)
         else:
             out = self.base(x, *args, **kwargs)
         for delta in chosen:
-            if not delta.overrides_parameters:
+            if delta.acts_on != "parameters":
                 out = delta(x, out, self.backend)
         return out
 
@@ -304,7 +318,7 @@ class DeltaLayer(nn.Module):
                 continue
             delta = self.deltas[name]
             x_rows = x.index_select(0, rows)
-            if delta.transforms_input or delta.overrides_parameters:
+            if delta.acts_on in ("input", "parameters"):
                 sub = self._forward_with((name,), x_rows, args, kwargs)
             else:
                 sub = delta(x_rows, out.index_select(0, rows), self.backend)
@@ -323,7 +337,7 @@ class DeltaLayer(nn.Module):
 
     def _merge_changes(self, name: str) -> dict[str, Tensor]:
         delta = self.deltas[name]
-        if not delta.overrides_parameters:
+        if delta.acts_on != "parameters":
             return delta.merge_parameters(self.backend)
         # relative to the parameters from before any merge, as the forward combines them
         original = self._params_before_merge
@@ -353,7 +367,7 @@ class DeltaLayer(nn.Module):
             # dtype (exact), keeping the quantized module to come back to on unmerge
             self._quantized_base = self.base
             self._set_base(self.backend.dequantized_module())
-        depends = any(self.deltas[n].merge_depends_on_weight or self.deltas[n].overrides_parameters for n in todo)
+        depends = any(self.deltas[n].merge_depends_on_weight or self.deltas[n].acts_on == "parameters" for n in todo)
         keep_exact = depends or (self.backend.dtype in _HALF if keep_exact is None else keep_exact)
         if keep_exact and self._quantized_base is None and self._params_before_merge is None:
             if self.merged:  # merged by subtraction so far: take them out to copy the original
@@ -460,6 +474,16 @@ def _bind_call(delta: Delta, module: nn.Module, run, rows: RowSelector):
         return delta.call(module, run, args, kwargs, rows)
 
     return call
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The module itself, or the base module a :class:`DeltaLayer` wraps."""
+    return module.base if isinstance(module, DeltaLayer) else module
+
+
+def has_own_parameters(module: nn.Module) -> bool:
+    """Whether the (base) module holds parameters directly, not only in its children."""
+    return next(base_of(module).parameters(recurse=False), None) is not None
 
 
 def delta_layers(model: nn.Module) -> Mapping[str, DeltaLayer]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .anatomy import analyze, check_model, iter_modules
-from .api import _build_all, check_model_and_config, count_parameters, deltas, resolve_placement
+from .anatomy import analyze, check_model
+from .placement import place
+from .api import check_model_and_config, count_parameters, deltas
 from .backends import layer_backend
 from .config import DeltaConfig, config as make_config, methods
 from .errors import DeltatuneError
@@ -142,11 +143,11 @@ def plan(model: nn.Module, config: DeltaConfig) -> Plan:
     Deltas are built on the meta device, so this allocates nothing and works on meta models.
     """
     check_model_and_config("plan", model, config)
-    config, paths, anatomy = resolve_placement(model, config)
-    built = _build_all(model, config, paths, anatomy, initialize=False, device=torch.device("meta"))
-    modules = dict(iter_modules(model))
+    placement = place(model, config)
+    built = placement.build(initialize=False, device=torch.device("meta"))
+    anatomy, modules = placement.anatomy, placement.modules
     planned = []
-    for path in paths:
+    for path in placement.paths:
         backend = layer_backend(modules[path])
         planned.append(
             PlannedModule(

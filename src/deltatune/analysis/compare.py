@@ -131,7 +131,7 @@ class TrainingComparison:
         return "\n".join(lines)
 
     def plot_losses(self, path: Path) -> Path:
-        plt = _pyplot()
+        plt = load_pyplot()
         figure, axes = plt.subplots(figsize=(7, 4.2))
         for r in self.runs:
             if r.train_losses:
@@ -150,7 +150,7 @@ class TrainingComparison:
         return path
 
     def plot_metric(self, path: Path) -> Path:
-        plt = _pyplot()
+        plt = load_pyplot()
         figure, axes = plt.subplots(figsize=(7, 4.2))
         label = self.runs[0].metric[0] if self.runs else "metric"
         for r in self.runs:
@@ -196,7 +196,8 @@ class TrainingComparison:
                 "json": directory / "results.json", **{p.stem: p for p in images.values()}}
 
 
-def _pyplot():
+def load_pyplot():
+    """matplotlib's pyplot on a file-only backend, or a clear error naming the extra to install."""
     try:
         import matplotlib
     except ImportError as exc:

@@ -135,9 +135,9 @@ class SubspaceReport:
         return [(path, float(g[0, 0]), float(g[-1, -1])) for path, g in self.grids.items()]
 
     def heatmap(self, path: Path, title: str) -> Path:
-        from .compare import _pyplot
+        from .compare import load_pyplot
 
-        plt = _pyplot()
+        plt = load_pyplot()
         grid = self.mean_grid.numpy()
         figure, axes = plt.subplots(figsize=(min(2 + 0.25 * grid.shape[1], 14), min(2 + 0.25 * grid.shape[0], 10)))
         image = axes.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper",

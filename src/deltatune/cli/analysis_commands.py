@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .main import ModelOpt, app, console, friendly_errors
+from .common import ModelOpt, app, console, friendly_errors
 
 analyze_app = typer.Typer(help="Analyses of trained deltas.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")

@@ -8,52 +8,16 @@ method option goes through ``--set key=value``.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
 import yaml
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from ..errors import DeltatuneError, Interrupted
-
-app = typer.Typer(
-    help="deltatune: parameter-efficient fine-tuning for any transformer.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-errors = Console(stderr=True)
-
-
-def friendly_errors(name: str) -> Callable[[Callable], Callable]:
-    """For the command ``deltatune <name>``: bad input ends in one clear line and exit code 2,
-    never a traceback; Ctrl-C (also while the command's imports load) in a line saying so and
-    exit code 130, as a shell reports SIGINT."""
-
-    def decorate(command: Callable) -> Callable:
-        @functools.wraps(command)
-        def wrapper(*args, **kwargs):
-            try:
-                return command(*args, **kwargs)
-            except DeltatuneError as exc:
-                # the message is text, not markup: a file called "[x].csv" or "deltatune[analysis]" stays whole
-                errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2) from None
-            except KeyboardInterrupt as exc:
-                if not isinstance(exc, Interrupted):  # an interrupted run has said what it saved
-                    errors.print(f"interrupted before deltatune {name} finished", highlight=False)
-                raise typer.Exit(130) from None
-
-        return wrapper
-
-    return decorate
+from .common import ModelOpt, app, console, friendly_errors
 
 
 def _method_options(
@@ -87,7 +51,6 @@ def _parse_layers(text: str) -> Any:
 
 
 # shared option declarations ------------------------------------------------------------------
-ModelOpt = typer.Option(None, "--model", "-m", help="HF model id or local directory (default: bundled SmolLM2-135M-Instruct)")
 ROpt = typer.Option(None, "--r", help="LoRA rank")
 AlphaOpt = typer.Option(None, "--alpha", help="LoRA alpha (scale = alpha / r)")
 DropoutOpt = typer.Option(None, "--dropout", help="dropout on the delta's input")
@@ -364,6 +327,8 @@ def inspect(
     dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16: the weights' dtype for the memory estimate (default: the model's)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda: whose overhead the estimate counts (default: cuda if available)"),
     master_weights: bool = typer.Option(False, "--master-weights", help="mixed precision: fp32 master copy and moments of 16-bit trainable weights"),
+    task: Optional[str] = typer.Option(None, help="size a task head too: classify | multilabel | regression | tag (the model loads as that task's model; default model: the bundled encoder)"),
+    labels: int = typer.Option(2, min=1, help="with --task: how many labels the head has (regression: one output)"),
     r: Optional[int] = ROpt, alpha: Optional[float] = AlphaOpt, dropout: Optional[float] = DropoutOpt,
     targets: Optional[str] = TargetsOpt, exclude: Optional[str] = ExcludeOpt, layers: Optional[str] = LayersOpt,
     rslora: Optional[bool] = RsloraOpt, dora: Optional[bool] = DoraOpt, init: Optional[str] = InitOpt,
@@ -371,25 +336,39 @@ def inspect(
 ):
     """Dry run: the model's anatomy, what a delta would touch, parameter counts, memory.
 
-    ``--method all`` lists every method's trainable parameters on this model side by side."""
+    ``--method all`` lists every method's trainable parameters on this model side by side;
+    ``--task`` adds a task head to the method (or to each, with ``all``)."""
     import torch
 
     from .. import config as make_config
     from ..analysis.memory import DTYPES, estimate_training_memory, human_bytes, weight_memory
-    from ..config import check_choice
+    from ..config import check_choice, standalone_methods
     from ..anatomy import analyze
     from ..api import attach
     from ..report import compare, plan, summary
 
-    base = meta_model(config_json) if config_json else _load_with_delta(model, None)[0]
+    from ..heads import TASKS, TaskHead, model_kind
+    from ..models import DEFAULT_ENCODER, load_model_and_tokenizer
+
+    options = _method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_)
+    if task is not None:
+        check_choice("task", task, TASKS)
+        options["task_head"] = TaskHead(task, labels=() if task == "regression" else tuple(str(i) for i in range(labels)))
+        kind, width = model_kind(task), options["task_head"].num_outputs
+        base = (meta_model(config_json, kind, num_labels=width) if config_json
+                else load_model_and_tokenizer(model or DEFAULT_ENCODER, task=kind, num_labels=width)[0].eval())
+    else:
+        base = meta_model(config_json) if config_json else _load_with_delta(model, None)[0]
     if dtype is not None:
         check_choice("dtype", dtype, tuple(DTYPES))
         base.to(DTYPES[dtype])
     console.print(analyze(base).describe(), highlight=False)
     if method == "all":
-        console.print(str(compare(base)), highlight=False)
+        head = {"task_head": options["task_head"]} if task is not None else {}
+        console.print(str(compare(base, [make_config(m, **head) for m in standalone_methods()] if head else None)),
+                      highlight=False)
         return
-    delta_config = make_config(method, **_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
+    delta_config = make_config(method, **options)
     console.print(str(plan(base, delta_config)), highlight=False)
     estimate_settings = dict(batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                              quantize=quantize, master_weights=master_weights, optimizer=optim,
@@ -417,12 +396,14 @@ def inspect(
         console.print(str(weight_memory(base, optimizer=optim)), highlight=False)
 
 
-def meta_model(config_path: Path):
-    """A model built from a config.json on the meta device: shapes without weights."""
+def meta_model(config_path: Path, kind: str = "causal-lm", num_labels: int | None = None):
+    """A model (of ``kind``, a key of ``models.TASK_MODEL_CLASSES``) built from a config.json on
+    the meta device: shapes without weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..errors import ModelLoadError
+    from ..models import TASK_MODEL_CLASSES
 
     if not config_path.is_file():
         raise ModelLoadError(f"config file {str(config_path)!r} does not exist")
@@ -430,8 +411,10 @@ def meta_model(config_path: Path):
         model_config = AutoConfig.for_model(**json.loads(config_path.read_text()))
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{config_path} is not a transformers config.json: {exc}") from exc
+    if num_labels is not None:
+        model_config.num_labels = num_labels
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+        return TASK_MODEL_CLASSES[kind].from_config(model_config)
 
 
 from . import analysis_commands  # noqa: E402, F401  (registers compare, analyze, advise on app)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, check_number, check_positive_int, register
+from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_number, check_positive_int, param_dtype, register
 from ..errors import ConfigError
 from ..layer import Delta
 from ..sublayers import BesideSublayer, InputTap, link_pairs, with_readers
@@ -54,7 +54,6 @@ from ..sublayers import BesideSublayer, InputTap, link_pairs, with_readers
 ACTIVATIONS: dict[str, Any] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 INITS = ("near_identity", "zero_up")
 NORM_POSITIONS = ("input", "output")
-PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_REDUCTION = 16
 NEAR_IDENTITY_STD = 1e-2
 
@@ -116,7 +115,7 @@ class BottleneckConfig(DeltaConfig):
         up.bias.zero_()
 
     def bottleneck_module(self, width: int, backend: Backend, options: dict[str, Any], initialize: bool) -> "Bottleneck":
-        dtype = _param_dtype(self.param_dtype, backend.dtype)
+        dtype = param_dtype(self.param_dtype, backend.dtype)
         device = options.get("device") or backend.device
         down, up = self.make_projections(width, self.bottleneck_size(width), dtype, device)
         if initialize:
@@ -140,13 +139,6 @@ def bottleneck_size(width: int, bottleneck: int | None, reduction_factor: float 
     if bottleneck is not None:
         return bottleneck
     return max(1, round(width / (reduction_factor or DEFAULT_REDUCTION)))
-
-
-def _param_dtype(choice: str, base_dtype: torch.dtype) -> torch.dtype:
-    # fp32 adapter weights on a half-precision base: stable optimizer updates
-    if choice != "auto":
-        return getattr(torch, choice)
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 class Bottleneck(nn.Module):

@@ -25,20 +25,17 @@ saves and loads like any delta; loading it needs its adapters attached first.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, check_number, register
+from ..config import DeltaConfig, NAME, PARAM_DTYPES, check_choice, check_number, param_dtype, register
 from ..errors import ConfigError, TargetError
 from ..layer import Delta
 from ..sublayers import InputTap
-from .adapters import PARAM_DTYPES, _param_dtype
 
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 QUERY_KEY_STD = 0.02
 VALUE_OFF_DIAGONAL = 1e-6
 
@@ -103,7 +100,7 @@ class FusionConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.adapters, tuple) or not all(isinstance(a, str) and _NAME.match(a) for a in self.adapters):
+        if not isinstance(self.adapters, tuple) or not all(isinstance(a, str) and NAME.match(a) for a in self.adapters):
             raise ConfigError(f"adapters must be a list of delta names, got {self.adapters!r}")
         if len(set(self.adapters)) != len(self.adapters):
             raise ConfigError(f"adapters names one adapter twice: {list(self.adapters)}")
@@ -116,7 +113,7 @@ class FusionConfig(DeltaConfig):
         check_number("temperature", self.temperature, low=0, low_open=True)
         check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
 
-    def placement(self, layers: Mapping[str, Any], paths: Sequence[str] | None) -> list[str]:
+    def paths_from_attached(self, layers: Mapping[str, Any], paths: Sequence[str] | None) -> list[str]:
         """The layers (path -> DeltaLayer of the model) the fusion goes on: those whose output
         one of its adapters changes (not a parallel adapter's input tap). ``paths`` (from a
         checkpoint) must be such layers."""
@@ -148,9 +145,13 @@ class FusionConfig(DeltaConfig):
     def build(self, path: str, module: nn.Module, options: dict[str, Any], initialize: bool = True) -> Fusion:
         backend = backend_for(module)
         device = options.get("device") or backend.device
-        return Fusion(self, backend.out_features, _param_dtype(self.param_dtype, backend.dtype), device, initialize)
+        return Fusion(self, backend.out_features, param_dtype(self.param_dtype, backend.dtype), device, initialize)
 
-    def block(self, name: str):
+    def builds_on(self) -> tuple[str, ...]:
+        """The fused adapters: loaded before the fusion, frozen while it trains."""
+        return self.adapters
+
+    def activation_block(self, name: str):
         """The Fuse block that runs the fusion delta called ``name`` over its adapters."""
         from ..composition import Fuse
 

@@ -40,13 +40,13 @@ from torch import Tensor, nn
 from ..anatomy import linear_shape
 from ..attention import attention_modules, projection_children, uses_attention_interface
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, check_number, check_positive_int, register
+from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_number, check_positive_int, register
 from ..errors import ConfigError
 from ..layer import Delta
 from ..sublayers import with_readers
 from .adapters import ACTIVATIONS, ParallelAdapterConfig, PfeifferConfig, SerialAdapter
 from .lora import LoRAConfig, LoRADelta
-from .prefix import ATTENTION_ROLES, PARAM_DTYPES, PrefixDelta, PrefixTuningConfig
+from .prefix import ATTENTION_ROLES, PrefixDelta, PrefixTuningConfig
 
 FFN_ROLES = ("ffn.down", "ffn.up", "ffn.gate")
 

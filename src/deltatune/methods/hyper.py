@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
@@ -47,14 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, check_positive_int, register
+from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_name, check_positive_int, param_dtype, register
 from ..anatomy import check_model
 from ..errors import ConfigError, TargetError
-from ..layer import Delta, delta_layers
-from .adapters import (ACTIVATIONS, PARAM_DTYPES, HoulsbyConfig, _param_dtype, bottleneck_size,
+from ..layer import Delta, delta_layers, rows_per_sample
+from .adapters import (ACTIVATIONS, HoulsbyConfig, bottleneck_size,
                        check_bottleneck_options)
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 #: the LayerNorm epsilon, the same as a materialised adapter's nn.LayerNorm
 NORM_EPS = 1e-5
 
@@ -67,6 +65,7 @@ class HyperFormerConfig(DeltaConfig):
     method: ClassVar[str] = "hyperformer"
     default_targets: ClassVar[tuple[str, ...]] = ("attn.o", "ffn.down")
     supports_mixed_batch: ClassVar[bool] = True
+    serves_all_tasks: ClassVar[bool] = True
     adapts: ClassVar[str] = "the output projections of attention and feed-forward sublayers (attn.o, ffn.down)"
     default_lr: ClassVar[float] = 1e-3
 
@@ -132,10 +131,28 @@ class HyperFormerConfig(DeltaConfig):
             delta.position_id = positions.index(position)
             delta.use_network(network, owner=delta is first)
 
+    # the multi-task hooks of DeltaConfig: one hypernetwork for every task
+
+    def for_tasks(self, tasks: Sequence[str]) -> "HyperFormerConfig":
+        return self.replace(tasks=tuple(tasks))
+
+    def known_tasks(self) -> tuple[str, ...]:
+        return self.tasks
+
+    def add_tasks(self, model: nn.Module, name: str, tasks: Sequence[str]) -> str:
+        for task in tasks:
+            add_task(model, task, name)
+        return "their task embeddings; the hypernetwork stays frozen"
+
+    def task_batch(self, model: nn.Module, name: str, tasks: Sequence[str | None]):
+        return task_route(model, tasks, name)
+
+    def select_task(self, model: nn.Module, name: str, task: str) -> None:
+        set_task(model, task, name)
+
 
 def check_task_name(task: object) -> None:
-    if not isinstance(task, str) or not _TASK_NAME.match(task):
-        raise ConfigError(f"task names must be letters, digits, '_' or '-', got {task!r}")
+    check_name("task names", task)
 
 
 def _place(path: str, anatomy) -> tuple[tuple[int, int], str]:
@@ -244,7 +261,7 @@ class HyperAdapter(Delta):
         super().__init__()
         self.config = config
         self.width = backend.out_features
-        self.dtype = _param_dtype(config.param_dtype, backend.dtype)
+        self.dtype = param_dtype(config.param_dtype, backend.dtype)
         self.device = device
         self.initialize = initialize
         self.block_id = self.position_id = 0
@@ -275,12 +292,7 @@ class HyperAdapter(Delta):
     def _per_sample(self, h: Tensor, base_out: Tensor, network: HyperNetwork) -> Tensor:
         samples = network.sample_tasks
         rows = h.shape[0]
-        if rows % len(samples):
-            raise ValueError(
-                f"task_route() was given {len(samples)} tasks but the layer saw a batch of {rows} rows; "
-                "give one task per sample"
-            )
-        repeat = rows // len(samples)  # generation repeats each sample in place (beams)
+        repeat = rows_per_sample(rows, len(samples), "task_route()'s list of tasks")
         present = [t for t in dict.fromkeys(samples) if t is not None]
         slot = {task: i for i, task in enumerate(present)}
         index = torch.tensor([slot.get(samples[r // repeat], 0) for r in range(rows)], device=h.device)

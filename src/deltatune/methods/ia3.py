@@ -29,12 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, register
+from ..config import DeltaConfig, PARAM_DTYPES, check_choice, param_dtype, register
 from ..errors import ConfigError
 from ..layer import Delta
 from ..targets import validate_pattern
-
-PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @register
@@ -84,11 +82,7 @@ class IA3Config(DeltaConfig):
         backend = backend_for(module)
         scale_input = bool(options.get("scale_input", False))
         size = backend.in_features if scale_input else backend.out_features
-        dtype = backend.dtype
-        if self.param_dtype != "auto":
-            dtype = getattr(torch, self.param_dtype)
-        elif dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32  # stable optimizer updates; computed in the base dtype
+        dtype = param_dtype(self.param_dtype, backend.dtype)  # computed in the base dtype
         scale = torch.empty(size, dtype=dtype, device=options.get("device") or backend.device)
         if initialize:
             nn.init.ones_(scale)
@@ -105,7 +99,7 @@ class IA3Delta(Delta):
         self.config = config
         self.scale = nn.Parameter(scale)
         self.scale_input = scale_input
-        self.transforms_input = scale_input
+        self.acts_on = "input" if scale_input else "output"
 
     def transform_input(self, x: Tensor, backend: Backend) -> Tensor:
         return x * self.scale.to(x.dtype)

@@ -33,14 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_choice, check_number, check_positive_int, register
+from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_number, check_positive_int, param_dtype, register
 from ..errors import ConfigError, TargetError
 from ..layer import Delta
 from ..targets import validate_pattern
 
 INITS = ("default", "gaussian", "pissa")
 BIAS_MODES = ("none", "targets")
-PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @register
@@ -102,6 +101,9 @@ class LoRAConfig(DeltaConfig):
             return False
         return backend.takes_activations or not (self.dora or self.init == "pissa")
 
+    def numerics(self) -> dict[str, str]:
+        return {"scale": "alpha/sqrt(r)" if self.rslora else "alpha/r"}
+
     def scale(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
@@ -129,12 +131,6 @@ def _check_rank(name: str, value: object) -> None:
     check_positive_int(name, value, "the LoRA rank")
 
 
-def _param_dtype(config: LoRAConfig, base_dtype: torch.dtype) -> torch.dtype:
-    if config.param_dtype != "auto":
-        return getattr(torch, config.param_dtype)
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
 class LoRADelta(Delta):
     """A, B (and DoRA's magnitude m, a bias delta, PiSSA's frozen A0, B0) for one layer."""
 
@@ -152,7 +148,7 @@ class LoRADelta(Delta):
         self.config = config
         self.r = r
         self.scale = scale
-        dtype = _param_dtype(config, backend.dtype)
+        dtype = param_dtype(config.param_dtype, backend.dtype)
         device = device or backend.device
         self.A = nn.Parameter(torch.empty(r, backend.in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(backend.out_features, r, dtype=dtype, device=device))

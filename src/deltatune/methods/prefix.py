@@ -52,18 +52,11 @@ from torch import Tensor, nn
 from ..anatomy import linear_shape, unwrap
 from ..backends import backend_for, layer_backend
 from ..attention import AttentionDelta, attention_modules, attention_support, projection_children, uses_attention_interface
-from ..config import DeltaConfig, check_choice, check_positive_int, register
+from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_positive_int, param_dtype, register
 from ..errors import TargetError
 
-PARAM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_ROLES = ("attn.q", "attn.qkv")
 PREFIX_INITS = ("activations", "random")
-
-
-def _param_dtype(choice: str, base_dtype: torch.dtype) -> torch.dtype:
-    if choice != "auto":
-        return getattr(torch, choice)
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,16 +183,17 @@ class PrefixDelta(AttentionDelta):
         self._recorded = None
 
     @torch.no_grad()
-    def fold(self) -> None:
+    def fold(self) -> bool:
         """Replace the shared encoder by the plain prefixes it produces now."""
         if self._encoder is None:
-            return
+            return True
         keys, values = (t.detach().clone() for t in self.prefixes())
         self._encoder = None
-        if "encoder" in self._modules:
+        if "encoder" in dict(self.named_children()):
             del self.encoder
         self.prefix_keys = nn.Parameter(keys)
         self.prefix_values = nn.Parameter(values)
+        return True
 
     def saved_state(self) -> dict[str, Tensor]:
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
@@ -253,7 +247,7 @@ class PrefixTuningConfig(_AttentionMethodConfig):
         key_rows, value_rows = _kv_projections(path, module, options["anatomy"])
         backend = layer_backend(module)
         device = options.get("device") or backend.device
-        dtype = _param_dtype(self.param_dtype, backend.dtype)
+        dtype = param_dtype(self.param_dtype, backend.dtype)
         delta = self.delta_class(self, key_rows.shape[0], value_rows.shape[0], dtype, device)
         if initialize:
             delta.needs_calibration = self.calibration_batches > 0
@@ -347,7 +341,7 @@ class LlamaAdapterConfig(_AttentionMethodConfig):
             raise TargetError(f"cannot tell the number of attention heads of {path}")
         backend = layer_backend(module)
         device = options.get("device") or backend.device
-        delta = LlamaAdapterDelta(self, hidden, heads, k_name, v_name, _param_dtype(self.param_dtype, backend.dtype), device)
+        delta = LlamaAdapterDelta(self, hidden, heads, k_name, v_name, param_dtype(self.param_dtype, backend.dtype), device)
         if initialize:
             with torch.no_grad():  # unit scale, like the normalised hidden states the projections read
                 nn.init.normal_(delta.adaption_prompt)

@@ -205,7 +205,7 @@ class PromptEncoder(nn.Module):
 class PromptDelta(Delta):
     """n virtual tokens before the body's input: a plain parameter, or a P-tuning encoder's output."""
 
-    wraps_call = True
+    acts_on = "call"
 
     def __init__(self, config: "_PromptOptions", n: int, dim: int, body: nn.Module,
                  encoder: PromptEncoder | None, dtype, device):
@@ -227,20 +227,20 @@ class PromptDelta(Delta):
 
     @property
     def folded(self) -> bool:
-        return "encoder" not in self._modules
+        return "encoder" not in dict(self.named_children())
 
     def prompts(self) -> Tensor:
         """P, (n, e)."""
         return self.prompt_embeddings if self.folded else self.encoder()
 
     @torch.no_grad()
-    def fold(self) -> None:
+    def fold(self) -> bool:
         """Replace the prompt encoder by the plain prompts it produces now (outputs unchanged)."""
-        if self.folded:
-            return
-        prompts = self.prompts().detach().clone()
-        del self.encoder
-        self.prompt_embeddings = nn.Parameter(prompts)
+        if not self.folded:
+            prompts = self.prompts().detach().clone()
+            del self.encoder
+            self.prompt_embeddings = nn.Parameter(prompts)
+        return True
 
     def saved_state(self) -> dict[str, Tensor]:
         if not self.folded and any(p.is_meta for p in self.encoder.parameters()):
@@ -386,7 +386,7 @@ class EncoderPromptMask(Delta):
     virtual tokens the encoder's output starts with (for rows routed elsewhere: n masked
     slots after the tokens, where the encoder put them). No parameters."""
 
-    wraps_call = True
+    acts_on = "call"
 
     def __init__(self, config: "_PromptOptions", n: int):
         super().__init__()

@@ -40,35 +40,10 @@ from torch import Tensor, nn
 
 from ..anatomy import is_linear_like
 from ..backends import Backend, backend_for
-from ..config import DeltaConfig, check_positive_int, register
+from ..config import DeltaConfig, check_positive_int, master_dtype, register
 from ..errors import TargetError
 from ..layer import Delta
-
-
-def _master_dtype(dtype: torch.dtype) -> torch.dtype:
-    # trained values in fp32 on a half-precision base: stable optimizer updates
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-class ParameterCopy(Delta):
-    """Runs the module with trainable copies of its own parameters (initialised to theirs);
-    merging writes the copies into the module (see :class:`~deltatune.layer.Delta`)."""
-
-    overrides_parameters = True
-
-    def __init__(self, config: DeltaConfig, module: nn.Module, initialize: bool, device: torch.device | None):
-        super().__init__()
-        self.config = config
-        self.copies = nn.ParameterDict()
-        for name, param in module.named_parameters(recurse=False):
-            copy = torch.empty(param.shape, dtype=_master_dtype(param.dtype), device=device or param.device)
-            if initialize:
-                copy.copy_(param.detach())
-            self.copies[name] = nn.Parameter(copy)
-
-    def parameter_values(self, backend: Backend) -> dict[str, Tensor]:
-        own = dict(backend.module.named_parameters(recurse=False))
-        return {name: copy.to(own[name].dtype) for name, copy in self.copies.items()}
+from ..placement import ParameterCopy
 
 
 def _has_output_bias(module: nn.Module) -> bool:
@@ -85,7 +60,7 @@ class BiasDelta(Delta):
     def __init__(self, config: "BitFitConfig", size: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.config = config
-        self.delta_bias = nn.Parameter(torch.zeros(size, dtype=_master_dtype(dtype), device=device))
+        self.delta_bias = nn.Parameter(torch.zeros(size, dtype=master_dtype(dtype), device=device))
 
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
         return base_out + self.delta_bias.to(base_out.dtype)

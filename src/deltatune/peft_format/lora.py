@@ -33,7 +33,7 @@ from ..errors import CheckpointError
 from ..layer import delta_layers
 from ..methods.ia3 import IA3Config
 from ..methods.lora import LoRAConfig
-from ..methods.selective import ParameterCopy
+from ..placement import ParameterCopy
 from . import (
     Converter,
     Exported,

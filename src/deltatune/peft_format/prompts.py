@@ -61,13 +61,13 @@ import torch
 from torch import Tensor, nn
 
 from ..anatomy import unwrap
-from ..api import _build_all, _resolve_paths, deltas
+from ..api import deltas
 from ..config import DeltaConfig
 from ..errors import CheckpointError
 from ..layer import Delta, delta_layers
 from ..methods.prefix import LlamaAdapterConfig, PrefixDelta, PrefixTuningConfig
 from ..methods.prompt import PromptDelta, PromptTuningConfig, PTuningConfig
-from ..methods.selective import ParameterCopy
+from ..placement import ParameterCopy, place
 from . import KEY_PREFIX, Converter, Exported, Imported, KeyTable, model_modules, register, task_type
 from .lora import add_saved_modules, deltatune_saved_patterns, export_saved_modules, saved_module_paths
 
@@ -94,8 +94,7 @@ _ENCODERS = {"MLP": "mlp", "LSTM": "lstm"}
 def _dry_run(model: nn.Module, config: DeltaConfig, paths: list[str] | None = None) -> dict[str, Delta]:
     """The deltas ``config`` would build on ``model`` (at ``paths``, or where its targets point),
     on the meta device: which module gets what, decided by the method itself."""
-    chosen, anatomy = _resolve_paths(model, config, paths)
-    return _build_all(model, config, chosen, anatomy, initialize=False, device=torch.device("meta"))
+    return place(model, config, paths).build(initialize=False, device=torch.device("meta"))
 
 
 def _saved_names(model: nn.Module, names: list[str] | None) -> list[str]:

@@ -96,7 +96,7 @@ def demo_data_path(split: str) -> Path:
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL, JSON, CSV or Parquet file into a list of dicts (one per record)."""
-    return [record for _, record in _read_located_records(Path(path))]
+    return [record for _, record in read_located_records(Path(path))]
 
 
 def load_examples(path: str | Path, *, task_field: str = "task", default_task: str | None = None) -> list[Example]:
@@ -110,7 +110,7 @@ def load_examples(path: str | Path, *, task_field: str = "task", default_task: s
             record lacks a field its layout needs (the message names file, line and field).
     """
     path = Path(path)
-    located = _read_located_records(path)
+    located = read_located_records(path)
     first_location, first_record = located[0]
     layout = detect_layout(first_record, f"{path.name} {first_location}")
     detected_from = f"layout '{layout}', detected from {first_location}"
@@ -125,7 +125,7 @@ def load_examples(path: str | Path, *, task_field: str = "task", default_task: s
     return examples
 
 
-def _read_located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def read_located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Records paired with their human-readable location ("line 3", "record 3", "row 3")."""
     if path.is_dir():
         raise DataError(f"data file {str(path)!r} is a directory; give a .jsonl, .json, .csv or .parquet file")
@@ -228,16 +228,20 @@ def detect_layout(record: dict[str, Any], where: str = "record") -> str:
     )
 
 
+def empty_answers(examples: list[Example], what: str) -> str | None:
+    """A note on records whose answer is empty (they teach only where to stop); a DataError
+    when every record's is, since then there is nothing to learn."""
+    empty = [e for e in examples if not e.completion.strip()]
+    if examples and len(empty) == len(examples):
+        raise DataError(f"{what}: the answers of all {len(examples)} records are empty (first: {empty[0].source}), "
+                        "so there is nothing to learn; fill them in")
+    if empty:
+        return (f"{len(empty)} of {len(examples)} records of {what} have an empty answer (first: {empty[0].source}); "
+                "they teach only where to stop")
+    return None
+
+
 def _to_example(record: dict[str, Any], layout: str, where: str, detected_from: str) -> Example:
-    example = _record_to_example(record, layout, where, detected_from)
-    if not example.completion.strip():
-        answer = {"messages": "the last message's content", "instruction": "'output'",
-                  "prompt/completion": "'completion'", "text": "'text'"}[layout]
-        raise DataError(f"{where}: {answer} is empty, so the record has nothing to learn; fill it in or remove the record")
-    return example
-
-
-def _record_to_example(record: dict[str, Any], layout: str, where: str, detected_from: str) -> Example:
     def text_field(name: str, required: bool = True) -> str:
         value = record.get(name)
         if value is None:

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import DataError
 from ..heads import IGNORE_INDEX, TaskHead
-from .data import _read_located_records
+from .data import read_located_records
 from .metrics import task_metrics
 
 #: label fields tried, in order, when none is given
@@ -64,7 +64,7 @@ def load_labelled(path: str | Path, task: str, *, text_field: str | None = None,
                   pair_field: str | None = None, label_field: str | None = None) -> list[LabelledExample]:
     """Read a labelled data file for ``task``; field names default as the module says."""
     path = Path(path)
-    located = _read_located_records(path)
+    located = read_located_records(path)
     first_location, first = located[0]
     text_field = text_field or ("tokens" if task == "tag" else "text")
     label_field = label_field or next((f for f in LABEL_FIELDS[task] if f in first), LABEL_FIELDS[task][0])

@@ -46,13 +46,12 @@ from torch import nn
 
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
 from ..api import activate, after_optimizer_step, attach, calibrate, deltas, route, trainable_parameters
-from ..config import check_field_types, config as make_config, config_class, did_you_mean, read_mapping
+from ..config import check_field_types, config as make_config, config_class, did_you_mean, methods, read_mapping
 from ..errors import ConfigError, DataError, Interrupted
-from ..heads import TASKS, TaskHead
+from ..heads import TASKS, TaskHead, model_kind
 from ..io import load as load_delta
 from ..io import save as save_delta
 from ..layer import delta_layers
-from ..methods.hyper import add_task, set_task, task_route
 from ..outputs import RunLock, check_output_dir, clear_run, write_atomically, write_text_atomically
 from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
 from ..report import plan, summary
@@ -61,6 +60,7 @@ from .data import (
     Example,
     PadCollator,
     batch_indices,
+    empty_answers,
     build_prompt,
     demo_data_path,
     load_examples,
@@ -249,8 +249,8 @@ def _split_data(settings: TrainSettings) -> tuple[list[Example], list[Example]]:
     if settings.data is None:
         return load_examples(demo_data_path("train")), load_examples(demo_data_path("test"))
     files = _files(settings.data)
-    # a hypernetwork always conditions on a task: one file is one task, named like the file
-    named = Path(files[0]).stem if settings.method == "hyperformer" else None
+    # a delta serving every task always conditions on one: one file is one task, named like the file
+    named = Path(files[0]).stem if config_class(settings.method).serves_all_tasks else None
     train = _read_files(files, settings.task_field, named)
     tasks = task_names(train)
     if settings.eval_data is not None:
@@ -355,28 +355,30 @@ def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world:
 
 @dataclass
 class TaskDeltas:
-    """How the tasks of a run map to deltas: ``hyper`` names the one hyperformer delta serving
-    every task; otherwise each task has a delta of its own name. No tasks: single-task run."""
+    """How the tasks of a run map to deltas: ``shared`` names the one delta serving every task
+    (its config has ``serves_all_tasks``), with ``config``; otherwise each task has a delta of
+    its own name. No tasks: single-task run."""
 
     names: list[str]
-    hyper: str | None = None
+    shared: str | None = None
+    config: Any = None
 
     def batch(self, model: nn.Module, tasks: list[str | None]):
         """The context a batch with these per-sample tasks runs in."""
         if not self.names:
             return contextlib.nullcontext()
-        if self.hyper is not None:
-            return task_route(model, tasks, self.hyper)
+        if self.shared is not None:
+            return self.config.task_batch(model, self.shared, tasks)
         return route(model, tasks)
 
     def select(self, model: nn.Module, task: str) -> None:
-        if self.hyper is not None:
-            set_task(model, task, self.hyper)
+        if self.shared is not None:
+            self.config.select_task(model, self.shared, task)
         else:
             activate(model, task)
 
     def select_all(self, model: nn.Module) -> None:
-        if self.hyper is None:
+        if self.shared is None:
             activate(model, self.names)
 
 
@@ -384,23 +386,24 @@ def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str]
                      delta_config=None) -> tuple[list[str], TaskDeltas]:
     """Attach the run's deltas (or load them, with ``from_delta``); returns the delta names."""
     delta_config = delta_config or settings.delta_config()
-    hyper = delta_config.method == "hyperformer"
+    shared = delta_config.serves_all_tasks
     if settings.from_delta is not None:
         return _load_for_tasks(model, settings, tasks, log)
-    planned = delta_config.replace(tasks=tuple(tasks)) if hyper and tasks else delta_config
+    planned = delta_config.for_tasks(tasks) if shared and tasks else delta_config
     oversized = plan(model, planned).oversized()  # deltas built on the meta device: said before any allocation
     if oversized:
         log(f"warning: {oversized}")
     if not tasks:
         attach(model, delta_config, settings.name)
         return [settings.name], TaskDeltas([])
-    if hyper:
-        attach(model, delta_config.replace(tasks=tuple(tasks)), settings.name)
-        return [settings.name], TaskDeltas(tasks, hyper=settings.name)
+    if shared:
+        attach(model, planned, settings.name)
+        return [settings.name], TaskDeltas(tasks, shared=settings.name, config=planned)
     if not delta_config.supports_mixed_batch:
+        serving = [m for m in methods() if config_class(m).serves_all_tasks]
         raise ConfigError(
             f"method {delta_config.method!r} cannot run mixed batches, so its {len(tasks)} task deltas "
-            "cannot train together; train one run per task, or use --method hyperformer"
+            f"cannot train together; train one run per task, or use --method {' or '.join(serving)}"
         )
     for task in tasks:
         attach(model, delta_config, task)
@@ -411,21 +414,19 @@ def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str]
 def _load_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log) -> tuple[list[str], TaskDeltas]:
     names = load_delta(model, settings.from_delta)
     infos = deltas(model)
-    hypers = [n for n in names if infos[n].config.method == "hyperformer"]
-    if hypers:
-        name = hypers[0]
-        known = infos[name].config.tasks
+    shared = [n for n in names if infos[n].config.serves_all_tasks]
+    if shared:
+        name, config = shared[0], infos[shared[0]].config
+        known = config.known_tasks()
         new = [t for t in tasks if t not in known]
         if new and len(new) != len(tasks):
             raise ConfigError(
                 f"--from-delta {settings.from_delta}: the data mixes tasks the delta has {sorted(set(tasks) - set(new))} "
                 f"with new ones {new}; new tasks train alone (only their embeddings learn)"
             )
-        for task in new:
-            add_task(model, task, name)
         if new:
-            log(f"new tasks {', '.join(new)}: training only their task embeddings; the hypernetwork stays frozen")
-        return [name], TaskDeltas(tasks, hyper=name if tasks else None)
+            log(f"new tasks {', '.join(new)}: training only {config.add_tasks(model, name, new)}")
+        return [name], TaskDeltas(tasks, shared=name if tasks else None, config=config)
     if tasks:
         missing = [t for t in tasks if t not in names]
         if missing:
@@ -444,13 +445,18 @@ class LanguageModeling:
         self.settings = settings
         self.subset = False
         self.baseline: dict[str, Any] = {}
+        self.notes: list[str] = []  # about the data, for the run's log
 
     @property
     def model_name(self) -> str:
         return self.settings.model or "smollm2-135m-instruct (bundled)"
 
     def split(self) -> tuple[list[Example], list[Example]]:
-        return _split_data(self.settings)
+        train, held_out = _split_data(self.settings)
+        tasks = task_names(train)
+        groups = [(f"task {t!r}", [e for e in train if e.task == t]) for t in tasks] or [("the training data", train)]
+        self.notes = [note for what, examples in groups if (note := empty_answers(examples, what))]
+        return train, held_out
 
     def delta_config(self, train_examples: list) -> Any:
         return self.settings.delta_config()
@@ -488,6 +494,7 @@ class LabelledTask:
         self.settings = settings
         self.head: TaskHead | None = None
         self.baseline: dict[str, Any] = {}
+        self.notes: list[str] = []  # about the data, for the run's log
 
     @property
     def model_name(self) -> str:
@@ -543,8 +550,7 @@ class LabelledTask:
         from ..models import DEFAULT_ENCODER, load_model_and_tokenizer
 
         s = self.settings
-        kind = "token-classification" if s.task == "tag" else "sequence-classification"
-        return load_model_and_tokenizer(s.model or DEFAULT_ENCODER, task=kind, quantize=s.quantize,
+        return load_model_and_tokenizer(s.model or DEFAULT_ENCODER, task=model_kind(s.task), quantize=s.quantize,
                                         num_labels=self.head.num_outputs)
 
     def attached(self, model: nn.Module, names: list[str]) -> None:
@@ -643,6 +649,8 @@ class Trainer:
         set_seed(s.seed)
 
         train_examples, eval_examples = objective.split()
+        for note in objective.notes:
+            log(f"warning: {note}")
         tasks = task_names(train_examples)
         delta_config = objective.delta_config(train_examples)
         log(f"loading model {objective.model_name}")
@@ -789,7 +797,7 @@ class Trainer:
     def _calibrate(self, model, delta_config, features, collate, loss_fn) -> None:
         """Deltas that choose their structure from data (FAR, gradient-pruned SparseAdapter)
         see the first few training batches before the optimizer is built."""
-        count = getattr(delta_config, "calibration_batches", 0)
+        count = delta_config.calibration_batches
         if not count:
             return
         s = self.settings
