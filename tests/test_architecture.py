@@ -6,7 +6,6 @@ invariant matrix, and the package's public names derived from the method registr
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import deltatune as dt

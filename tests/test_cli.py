@@ -82,9 +82,9 @@ def test_resume_continues_exactly_where_a_run_stopped(tiny_dir, data_file, tmp_p
     full = invoke(*train_args(tiny_dir, data_file, tmp_path / "full", "--max-steps", 4, *extra))
     assert full.exit_code == 0, full.output
 
-    import deltatune.train.trainer as trainer
+    import deltatune.train.objectives as objectives
 
-    real_loss, calls = trainer.causal_lm_loss, []
+    real_loss, calls = objectives.causal_lm_loss, []
 
     def interrupted_after_two_steps(*args, **kwargs):
         calls.append(1)
@@ -92,11 +92,11 @@ def test_resume_continues_exactly_where_a_run_stopped(tiny_dir, data_file, tmp_p
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "causal_lm_loss", interrupted_after_two_steps)
+    monkeypatch.setattr(objectives, "causal_lm_loss", interrupted_after_two_steps)
     stopped = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4, *extra))
     assert stopped.exit_code != 0 and "interrupted at step 2" in stopped.output
     assert (tmp_path / "cut" / "checkpoints" / "step-000002").is_dir()
-    monkeypatch.setattr(trainer, "causal_lm_loss", real_loss)
+    monkeypatch.setattr(objectives, "causal_lm_loss", real_loss)
     resumed = invoke(*train_args(tiny_dir, data_file, tmp_path / "cut", "--max-steps", 4, "--resume", *extra))
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from step 2" in resumed.output

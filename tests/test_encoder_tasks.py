@@ -15,7 +15,7 @@ import deltatune as dt
 from deltatune.cli.main import app
 from deltatune.models import load_model_and_tokenizer
 from deltatune.train.labelled import LabelledCollator, evaluate_task, load_labelled, tokenize_labelled
-from deltatune.train.trainer import encoder_data_path
+from deltatune.train.objectives import encoder_data_path
 from tiny_hub import save_tiny_encoder
 
 TASKS = ("classify", "multilabel", "regression", "tag")

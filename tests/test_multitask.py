@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from deltatune.cli.main import app
 from deltatune.errors import DataError
 from deltatune.train.data import load_examples
-from deltatune.train.trainer import TrainSettings, _split_data, task_names
+from deltatune.train.settings import TrainSettings
+from deltatune.train.tasks import split_data, task_names
 
 runner = CliRunner()
 WORDS = ["cat", "dog", "sun", "map", "box", "pen", "cup", "hat", "bus", "egg", "fox", "jam", "ink", "owl", "rug", "tea"]
@@ -47,7 +48,7 @@ def summary(run):
 
 def test_tasks_come_from_file_names_or_a_task_field(task_files, tmp_path):
     settings = TrainSettings(data=[str(task_files["upper"]), str(task_files["reverse"])], eval_fraction=0.25)
-    train_examples, held_out = _split_data(settings)
+    train_examples, held_out = split_data(settings)
     assert task_names(train_examples) == ["upper", "reverse"]
     # every task holds out its own share
     assert sorted(e.task for e in held_out) == ["reverse"] * 4 + ["upper"] * 4
@@ -141,7 +142,7 @@ def test_from_delta_without_a_delta_for_a_task_is_refused(tiny_dir, task_files, 
 def test_a_single_file_is_one_task_named_like_the_file_for_a_hypernetwork(task_files, tmp_path):
     held_out = write_task(tmp_path / "held.jsonl", "upper")
     settings = TrainSettings(data=str(task_files["upper"]), eval_data=str(held_out), method="hyperformer")
-    train_examples, held = _split_data(settings)
+    train_examples, held = split_data(settings)
     assert task_names(train_examples) == task_names(held) == ["upper"]
     # other methods: a single file has no task
-    assert task_names(_split_data(TrainSettings(data=str(task_files["upper"]), eval_data=str(held_out)))[0]) == []
+    assert task_names(split_data(TrainSettings(data=str(task_files["upper"]), eval_data=str(held_out)))[0]) == []

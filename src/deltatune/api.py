@@ -76,6 +76,7 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     for parent in list(model.modules()):
         if parent is new:
             continue
+        # torch's own table of children: named_children() skips a second name for the same child
         for child_name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, child_name, new)

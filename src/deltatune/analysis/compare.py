@@ -238,7 +238,8 @@ def compare_training(
     ``eval_limit`` of them) and collect a :class:`MethodRun` each. ``model`` and ``data`` are as
     for ``deltatune train`` (default: the bundled SmolLM2-135M-Instruct and date task).
     ``method_options`` adds options per method to :data:`METHOD_OPTIONS`."""
-    from ..train.trainer import Trainer, TrainSettings
+    from ..train.settings import TrainSettings
+    from ..train.trainer import Trainer
 
     unknown = [m for m in methods if m not in registered_methods()]
     if unknown or not methods:

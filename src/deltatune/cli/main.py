@@ -111,7 +111,8 @@ def train(
     bias: Optional[str] = BiasOpt, set_: List[str] = SetOpt,
 ):
     """Fine-tune a delta; with no arguments, LoRA on the bundled model and data."""
-    from ..train.trainer import Trainer, TrainSettings
+    from ..train.settings import TrainSettings
+    from ..train.trainer import Trainer
     from ..outputs import unused_directory
     from ..upstream import warn_if_untested
 
@@ -241,7 +242,8 @@ def evaluate_command(
 ):
     """Held-out exact match and loss of the model with an optional delta."""
     from ..train.data import demo_data_path, load_examples, tokenize_examples
-    from ..train.trainer import TrainSettings, evaluate
+    from ..train.objectives import evaluate
+    from ..train.settings import TrainSettings
 
     base, tokenizer = _load_with_delta(model, delta)
     examples = load_examples(data or demo_data_path("test"))

@@ -1,5 +1,12 @@
 """The training loop behind ``deltatune train``: attach a delta, tune it, prove it helped.
 
+The recipe, a file each: what a run is given (:mod:`.settings`), its data and how its tasks
+map to deltas (:mod:`.tasks`), what it optimises and how it is scored (:mod:`.objectives`),
+and here the run itself, in three phases over one :class:`RunState`: ``_set_up`` (data,
+model, deltas, optimizer, the evaluation before training, a resumed state), ``_train_loop``
+(the optimizer steps, checkpoints) and ``_finish`` (the trained delta saved first, then the
+evaluation after training and the summary).
+
 Built on accelerate and written for several processes (each takes every n-th batch, only the
 main process evaluates, prints and writes files), though multi-process runs are not tested yet.
 
@@ -10,12 +17,12 @@ delta is saved before the evaluation after training; ``--resume`` continues from
 readable checkpoint with the same data order, and refuses other settings.
 
 Several tasks train in one run when the data names them (several ``--data`` files, one task
-each, or a task field in the records): with ``--method hyperformer`` one shared hypernetwork
-serves them all (each batch mixes tasks through :func:`deltatune.task_route`); with any other
-method each task gets its own delta, named after the task, and each batch routes every sample
-to its task's delta (:func:`deltatune.route`). Evaluation is per task. ``--from-delta`` starts
-from saved deltas; a hyperformer delta given tasks it does not know learns only their new task
-embeddings, everything else frozen.
+each, or a task field in the records): a method whose config ``serves_all_tasks``
+(``--method hyperformer``: one shared hypernetwork) trains one delta for all of them, routed
+through its config's multi-task hooks; with any other method each task gets its own delta,
+named after the task, and each batch routes every sample to its task's delta
+(:func:`deltatune.route`). Evaluation is per task. ``--from-delta`` starts from saved deltas;
+a delta serving every task, given tasks it does not know, learns only what is new for them.
 
 ``--task classify|multilabel|regression|tag`` trains an encoder (or a decoder used as a
 classifier) on labelled data instead: the base is loaded as a sequence or token
@@ -25,9 +32,7 @@ training data's labels, and evaluation reports the task's metrics (:mod:`.labell
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import pickle
@@ -38,169 +43,29 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
-from ..api import activate, after_optimizer_step, attach, calibrate, deltas, route, trainable_parameters
-from ..config import check_field_types, config as make_config, config_class, did_you_mean, methods, read_mapping
-from ..errors import ConfigError, DataError, Interrupted
-from ..heads import TASKS, TaskHead, model_kind
-from ..io import load as load_delta
+from ..api import after_optimizer_step, calibrate, trainable_parameters
+from ..errors import ConfigError, Interrupted
 from ..io import save as save_delta
 from ..layer import delta_layers
 from ..outputs import RunLock, check_output_dir, clear_run, write_atomically, write_text_atomically
-from ..quant import check_scheme, prepare_for_kbit_training, quantized_storage
-from ..report import plan, summary
-from .data import (
-    IGNORE_INDEX,
-    Example,
-    PadCollator,
-    batch_indices,
-    empty_answers,
-    build_prompt,
-    demo_data_path,
-    load_examples,
-    tokenize_examples,
-)
-from .evaluate import evaluate_loss, exact_match, generate_completions
-from .labelled import (
-    HEADLINE_METRIC,
-    LabelledCollator,
-    check_labels,
-    describe_label,
-    evaluate_task,
-    label_set,
-    load_labelled,
-    majority_share,
-    target_scale,
-    task_loss,
-    tokenize_labelled,
-)
-from .optim import OptimizerFallbackWarning, check_optimizer, make_optimizer
+from ..quant import prepare_for_kbit_training, quantized_storage
+from ..report import summary
+from .data import batch_indices
+from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
+from .optim import OptimizerFallbackWarning, make_optimizer
+from .settings import TrainSettings, resumed_settings
+from .tasks import TaskDeltas, attach_for_tasks, task_names
 
-SCHEDULES = ("cosine", "linear", "constant")
+
+#: the output directory's folder of checkpoints, and the file in each holding the optimizer and step
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
-
-
-@dataclass
-class TrainSettings:
-    """Every option of ``deltatune train``; the field names are the CLI flags."""
-
-    model: str | None = None
-    task: str | None = None  # classify | multilabel | regression | tag: an encoder task; None: language modelling
-    data: str | list[str] | None = None  # several files: one task each (unless records name theirs)
-    eval_data: str | list[str] | None = None
-    task_field: str = "task"
-    text_field: str | None = None  # encoder tasks: the fields holding the text, its pair and its label
-    pair_field: str | None = None
-    label_field: str | None = None
-    from_delta: str | None = None  # start from saved deltas instead of new ones
-    eval_fraction: float = 0.1
-    method: str = "lora"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    name: str = "default"
-    output_dir: str = "runs/deltatune"
-    epochs: float = 3.0
-    max_steps: int | None = None
-    lr: float | None = None  # None: the method's default_lr
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    completion_only: bool = True
-    group_by_length: bool = True
-    gradient_checkpointing: bool = False
-    quantize: str | None = None  # nf4 | fp4 | int8: train on a quantized base (QLoRA with nf4)
-    optim: str = "adamw"
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's results in output_dir
-    seed: int = 0
-    bf16: bool = False
-    max_new_tokens: int = 24
-    eval_limit: int | None = None
-    samples: int = 3
-
-    def __post_init__(self) -> None:
-        check_field_types(self)
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "max_length": self.max_length,
-                    "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints}
-        for name in ("lr", "max_steps", "eval_every", "save_every", "eval_limit"):
-            if getattr(self, name) is not None:
-                positive[name] = getattr(self, name)
-        for name, value in positive.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ConfigError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay!r} and {self.max_grad_norm!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
-        if self.quantize is not None:
-            check_scheme(self.quantize)
-        if self.task is not None and self.task not in TASKS:
-            raise ConfigError(f"task={self.task!r} is not valid; allowed: {', '.join(TASKS)}")
-        check_optimizer(self.optim)
-        # fail now, not after the model has loaded, on a bad method or option
-        self.delta_config()
-
-    def delta_config(self):
-        return make_config(self.method, **self.method_options)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else config_class(self.method).default_lr
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], /, **overrides: Any) -> "TrainSettings":
-        """Settings from a flat mapping (a YAML/JSON file): training fields and method options
-        side by side (``lr: 1e-3``, ``r: 16``); ``overrides`` (the CLI flags) win."""
-        own = {f.name for f in dataclasses.fields(cls)}
-        merged = {**mapping, **{k: v for k, v in overrides.items() if v is not None}}
-        method = merged.get("method", cls.method)
-        method_fields = set(config_class(method).option_names())
-        settings: dict[str, Any] = {}
-        options = dict(merged.pop("method_options", None) or {})
-        for key, value in merged.items():
-            if key in own:
-                settings[key] = value
-            elif key in method_fields:
-                options[key] = value
-            else:
-                raise ConfigError(
-                    f"unknown option {key!r}: not a training setting nor an option of method {method!r}."
-                    + did_you_mean(key, sorted(own | method_fields))
-                )
-        return cls(**settings, method_options=options)
-
-    @classmethod
-    def from_file(cls, path: str | Path, /, **overrides: Any) -> "TrainSettings":
-        return cls.from_mapping(read_mapping(path), **overrides)
-
-
-@dataclass
-class Evaluation:
-    """Held-out results; with several tasks, the means over tasks and each task's own."""
-
-    exact_match: float | None
-    loss: float
-    samples: list[dict[str, str]]
-    per_task: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)  # an encoder task's (accuracy, F1...)
 
 
 @dataclass
@@ -222,127 +87,6 @@ class TrainResult:
     baseline: dict[str, Any] = field(default_factory=dict)  # an encoder task's floor (majority class)
 
 
-def _files(value: str | list[str] | None) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
-def _read_files(files: list[str], task_field: str, single_task: str | None = None) -> list[Example]:
-    """Examples of every file. A record without a task gets its file's name when there are
-    several files, else ``single_task`` (which may be None: no task)."""
-    examples = []
-    for path in files:
-        default = Path(path).stem if len(files) > 1 else single_task
-        examples.extend(load_examples(path, task_field=task_field, default_task=default))
-    return examples
-
-
-def _hold_out(examples: list[Example], settings: TrainSettings, what: str) -> tuple[list[Example], list[Example]]:
-    generator = torch.Generator().manual_seed(settings.seed)
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    held = max(1, int(len(examples) * settings.eval_fraction))
-    if held >= len(examples):
-        raise DataError(f"{what} has {len(examples)} example(s): too few to hold some out for evaluation")
-    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
-
-
-def _split_data(settings: TrainSettings) -> tuple[list[Example], list[Example]]:
-    if settings.data is None:
-        return load_examples(demo_data_path("train")), load_examples(demo_data_path("test"))
-    files = _files(settings.data)
-    # a delta serving every task always conditions on one: one file is one task, named like the file
-    named = Path(files[0]).stem if config_class(settings.method).serves_all_tasks else None
-    train = _read_files(files, settings.task_field, named)
-    tasks = task_names(train)
-    if settings.eval_data is not None:
-        held_out = _read_files(_files(settings.eval_data), settings.task_field, tasks[0] if len(tasks) == 1 else None)
-        unknown = sorted(set(task_names(held_out)) - set(tasks))
-        if unknown:
-            raise DataError(f"the held-out data has tasks {unknown} that the training data has not; training tasks: {tasks}")
-        return train, held_out
-    if not tasks:
-        return _hold_out(train, settings, ", ".join(files))
-    # every task keeps its own held-out share
-    parts = [_hold_out([e for e in train if e.task == task], settings, f"task {task!r}") for task in tasks]
-    return [e for kept, _ in parts for e in kept], [e for _, held in parts for e in held]
-
-
-def task_names(examples: list[Example]) -> list[str]:
-    """The tasks of a data set in order of appearance; [] when it has none. Mixing examples
-    with and without a task is an error naming one of each."""
-    tasks = list(dict.fromkeys(e.task for e in examples))
-    if None in tasks and len(tasks) > 1:
-        with_task = next(e for e in examples if e.task is not None)
-        without = next(e for e in examples if e.task is None)
-        raise DataError(
-            f"{without.source} has no task but {with_task.source} has task {with_task.task!r}: "
-            "give every record a task, or none"
-        )
-    return [t for t in tasks if t is not None]
-
-
-def _keeps_logits_subset(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: bool) -> torch.Tensor:
-    """Mean cross-entropy over label tokens.
-
-    With ``subset`` the LM head runs only on the columns holding labels (the answer span of
-    the batch): on instruction data most tokens are prompt, and a 50k-word head is a large
-    share of a small model's compute.
-    """
-    labels = batch["labels"]
-    if subset:
-        columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-        first = max(int(columns.min()), 1)
-        last = int(columns.max())
-        keep = torch.arange(first - 1, last, device=labels.device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=keep, use_cache=False).logits
-        targets = labels[:, first : last + 1]
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1]
-        targets = labels[:, 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings,
-             tasks: "TaskDeltas | None" = None) -> Evaluation:
-    """Held-out loss and exact match; with several tasks, each task's with its own delta
-    selected, and their means."""
-    if tasks is None or not tasks.names:
-        return _evaluate_one(model, tokenizer, examples, features, settings)
-    per_task = {}
-    for task in tasks.names:
-        tasks.select(model, task)
-        per_task[task] = _evaluate_one(model, tokenizer, [e for e in examples if e.task == task],
-                                       [f for f in features if f.get("task") == task], settings)
-    tasks.select_all(model)
-    scores = [r.exact_match for r in per_task.values()]
-    return Evaluation(
-        exact_match=None if None in scores else sum(scores) / len(scores),
-        loss=sum(r.loss for r in per_task.values()) / len(per_task),
-        samples=[{"task": task, **sample} for task, r in per_task.items() for sample in r.samples],
-        per_task={task: {"exact_match": r.exact_match, "loss": r.loss} for task, r in per_task.items()},
-    )
-
-
-def _evaluate_one(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
-    loss = held_out_loss(model, tokenizer, features)
-    chosen = examples[: settings.eval_limit] if settings.eval_limit else examples
-    score = None
-    samples: list[dict[str, str]] = []
-    if all(e.completion for e in chosen):
-        prompts = [build_prompt(tokenizer, e) for e in chosen]
-        predictions = generate_completions(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens)
-        score = exact_match(predictions, [e.completion for e in chosen])
-        for example, prediction in list(zip(chosen, predictions))[: settings.samples]:
-            question = example.prompt[-1]["content"] if example.is_chat else example.prompt
-            samples.append({"prompt": question, "reference": example.completion, "prediction": prediction})
-    return Evaluation(score, loss, samples)
-
-
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
     """Endless, seeded stream of this process's micro-batches; epoch e uses seed + e."""
     epoch = 0
@@ -353,250 +97,40 @@ def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world:
         epoch += 1
 
 
-@dataclass
-class TaskDeltas:
-    """How the tasks of a run map to deltas: ``shared`` names the one delta serving every task
-    (its config has ``serves_all_tasks``), with ``config``; otherwise each task has a delta of
-    its own name. No tasks: single-task run."""
-
-    names: list[str]
-    shared: str | None = None
-    config: Any = None
-
-    def batch(self, model: nn.Module, tasks: list[str | None]):
-        """The context a batch with these per-sample tasks runs in."""
-        if not self.names:
-            return contextlib.nullcontext()
-        if self.shared is not None:
-            return self.config.task_batch(model, self.shared, tasks)
-        return route(model, tasks)
-
-    def select(self, model: nn.Module, task: str) -> None:
-        if self.shared is not None:
-            self.config.select_task(model, self.shared, task)
-        else:
-            activate(model, task)
-
-    def select_all(self, model: nn.Module) -> None:
-        if self.shared is None:
-            activate(model, self.names)
-
-
-def attach_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log,
-                     delta_config=None) -> tuple[list[str], TaskDeltas]:
-    """Attach the run's deltas (or load them, with ``from_delta``); returns the delta names."""
-    delta_config = delta_config or settings.delta_config()
-    shared = delta_config.serves_all_tasks
-    if settings.from_delta is not None:
-        return _load_for_tasks(model, settings, tasks, log)
-    planned = delta_config.for_tasks(tasks) if shared and tasks else delta_config
-    oversized = plan(model, planned).oversized()  # deltas built on the meta device: said before any allocation
-    if oversized:
-        log(f"warning: {oversized}")
-    if not tasks:
-        attach(model, delta_config, settings.name)
-        return [settings.name], TaskDeltas([])
-    if shared:
-        attach(model, planned, settings.name)
-        return [settings.name], TaskDeltas(tasks, shared=settings.name, config=planned)
-    if not delta_config.supports_mixed_batch:
-        serving = [m for m in methods() if config_class(m).serves_all_tasks]
-        raise ConfigError(
-            f"method {delta_config.method!r} cannot run mixed batches, so its {len(tasks)} task deltas "
-            f"cannot train together; train one run per task, or use --method {' or '.join(serving)}"
-        )
-    for task in tasks:
-        attach(model, delta_config, task)
-    log(f"tasks: {', '.join(tasks)}: one {delta_config.method} delta each, trained together in mixed batches")
-    return list(tasks), TaskDeltas(list(tasks))
-
-
-def _load_for_tasks(model: nn.Module, settings: TrainSettings, tasks: list[str], log) -> tuple[list[str], TaskDeltas]:
-    names = load_delta(model, settings.from_delta)
-    infos = deltas(model)
-    shared = [n for n in names if infos[n].config.serves_all_tasks]
-    if shared:
-        name, config = shared[0], infos[shared[0]].config
-        known = config.known_tasks()
-        new = [t for t in tasks if t not in known]
-        if new and len(new) != len(tasks):
-            raise ConfigError(
-                f"--from-delta {settings.from_delta}: the data mixes tasks the delta has {sorted(set(tasks) - set(new))} "
-                f"with new ones {new}; new tasks train alone (only their embeddings learn)"
-            )
-        if new:
-            log(f"new tasks {', '.join(new)}: training only {config.add_tasks(model, name, new)}")
-        return [name], TaskDeltas(tasks, shared=name if tasks else None, config=config)
-    if tasks:
-        missing = [t for t in tasks if t not in names]
-        if missing:
-            raise ConfigError(f"--from-delta {settings.from_delta} has no delta for tasks {missing}; it holds {names}")
-        return list(tasks), TaskDeltas(list(tasks))
-    if len(names) != 1:
-        raise ConfigError(f"--from-delta {settings.from_delta} holds {len(names)} deltas {names}; a single-task run continues one")
-    return names, TaskDeltas([])
-
-
-class LanguageModeling:
-    """What ``deltatune train`` optimises on instruction data: next-token cross-entropy on the
-    answers; evaluation by held-out loss and greedy exact match."""
-
-    def __init__(self, settings: TrainSettings):
-        self.settings = settings
-        self.subset = False
-        self.baseline: dict[str, Any] = {}
-        self.notes: list[str] = []  # about the data, for the run's log
-
-    @property
-    def model_name(self) -> str:
-        return self.settings.model or "smollm2-135m-instruct (bundled)"
-
-    def split(self) -> tuple[list[Example], list[Example]]:
-        train, held_out = _split_data(self.settings)
-        tasks = task_names(train)
-        groups = [(f"task {t!r}", [e for e in train if e.task == t]) for t in tasks] or [("the training data", train)]
-        self.notes = [note for what, examples in groups if (note := empty_answers(examples, what))]
-        return train, held_out
-
-    def delta_config(self, train_examples: list) -> Any:
-        return self.settings.delta_config()
-
-    def load(self) -> tuple[nn.Module, Any]:
-        from ..models import load_model_and_tokenizer
-
-        return load_model_and_tokenizer(self.settings.model, quantize=self.settings.quantize)
-
-    def attached(self, model: nn.Module, names: list[str]) -> None:
-        self.subset = _keeps_logits_subset(model)
-
-    def features(self, tokenizer, examples: list[Example], what: str) -> list[dict]:
-        return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.completion_only)
-
-    def collator(self, tokenizer) -> Callable:
-        return PadCollator(tokenizer.pad_token_id)
-
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return causal_lm_loss(model, batch, self.subset)
-
-    def evaluate(self, model, tokenizer, examples, features, task_deltas: "TaskDeltas") -> Evaluation:
-        return evaluate(model, tokenizer, examples, features, self.settings, task_deltas)
-
-    def held_out_loss(self, model, tokenizer, features) -> float:
-        return held_out_loss(model, tokenizer, features)
-
-
-class LabelledTask:
-    """What ``deltatune train --task ...`` optimises: the task head's loss on labelled data
-    (:mod:`.labelled`); evaluation by the task's metrics. The head's labels come from the
-    training data, or from the delta ``--from-delta`` continues."""
-
-    def __init__(self, settings: TrainSettings):
-        self.settings = settings
-        self.head: TaskHead | None = None
-        self.baseline: dict[str, Any] = {}
-        self.notes: list[str] = []  # about the data, for the run's log
-
-    @property
-    def model_name(self) -> str:
-        from ..models import DEFAULT_ENCODER
-
-        return self.settings.model or f"{DEFAULT_ENCODER} (bundled)"
-
-    def _read(self, path: str) -> list:
-        s = self.settings
-        return load_labelled(path, s.task, text_field=s.text_field, pair_field=s.pair_field, label_field=s.label_field)
-
-    def split(self) -> tuple[list, list]:
-        s = self.settings
-        if s.data is None:
-            return self._read(encoder_data_path(s.task, "train")), self._read(encoder_data_path(s.task, "test"))
-        files = _files(s.data)
-        if len(files) > 1:
-            raise ConfigError(
-                f"--task {s.task} trains one task per run, but {len(files)} --data files were given; train one "
-                "run per task and load their deltas side by side (deltatune.load), switching or routing them"
-            )
-        train = self._read(files[0])
-        if s.eval_data is None:
-            return _hold_out(train, s, files[0])
-        return train, [e for path in _files(s.eval_data) for e in self._read(path)]
-
-    def delta_config(self, train_examples: list) -> Any:
-        s = self.settings
-        config = s.delta_config()
-        if s.from_delta is not None:
-            from ..io import delta_directories, read_config
-
-            saved = [read_config(d) for d in delta_directories(s.from_delta)]
-            heads = [c.task_head for c in saved if c.task_head is not None]
-            if not heads:
-                raise ConfigError(f"--from-delta {s.from_delta} has no task head; a --task run continues a delta that has one")
-            self.head = heads[0]
-        elif config.task_head is not None:
-            self.head = config.task_head
-        else:
-            self.head = TaskHead(s.task, labels=label_set(s.task, train_examples),
-                                 **(target_scale(train_examples) if s.task == "regression" else {}))
-            config = config.replace(task_head=self.head)
-        if self.head.task != s.task:
-            raise ConfigError(f"the delta's head is for task {self.head.task!r}, not {s.task!r}")
-        check_labels(self.head, train_examples, "training data")
-        majority = majority_share(self.head, train_examples)
-        if majority is not None:
-            self.baseline = {"majority_class": majority[0], "majority_train_share": round(majority[1], 4)}
-        return config
-
-    def load(self) -> tuple[nn.Module, Any]:
-        from ..models import DEFAULT_ENCODER, load_model_and_tokenizer
-
-        s = self.settings
-        return load_model_and_tokenizer(s.model or DEFAULT_ENCODER, task=model_kind(s.task), quantize=s.quantize,
-                                        num_labels=self.head.num_outputs)
-
-    def attached(self, model: nn.Module, names: list[str]) -> None:
-        # the resolved head (its module paths) is the one the delta holds
-        self.head = deltas(model)[names[0]].config.task_head
-
-    def features(self, tokenizer, examples: list, what: str) -> list[dict]:
-        check_labels(self.head, examples, what)
-        return tokenize_labelled(tokenizer, self.head, examples, self.settings.max_length)
-
-    def collator(self, tokenizer) -> Callable:
-        return LabelledCollator(tokenizer.pad_token_id, self.head.task)
-
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return task_loss(model, self.head, batch)
-
-    def evaluate(self, model, tokenizer, examples, features, task_deltas: "TaskDeltas") -> Evaluation:
-        s = self.settings
-        limit = s.eval_limit or len(features)
-        result = evaluate_task(model, self.head, features[:limit], self.collator(tokenizer))
-        headline = HEADLINE_METRIC[self.head.task]
-        metrics = dict(sorted(result.metrics.items(), key=lambda item: item[0] != headline))
-        if "majority_class" in self.baseline:
-            held = [e.label for e in examples[:limit]]
-            metrics["majority_baseline"] = held.count(self.baseline["majority_class"]) / len(held)
-        samples = [
-            {"text": " ".join(e.text) if isinstance(e.text, tuple) else e.text + (f" || {e.text_pair}" if e.text_pair else ""),
-             "reference": describe_label(self.head, e.label), "prediction": describe_label(self.head, p)}
-            for e, p in list(zip(examples, result.predictions))[: s.samples]
-        ]
-        return Evaluation(exact_match=None, loss=result.loss, samples=samples, metrics=metrics)
-
-    def held_out_loss(self, model, tokenizer, features) -> float:
-        return evaluate_task(model, self.head, features, self.collator(tokenizer)).loss
-
-
-def encoder_data_path(task: str, split: str) -> Path:
-    """The bundled labelled data set of an encoder task (``scripts/make_encoder_data.py``)."""
-    from importlib import resources
-
-    return Path(str(resources.files("deltatune") / "data" / "encoder" / task / f"{split}.jsonl"))
-
-
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = sorted((output_dir / CHECKPOINTS).glob("step-*"))
     return found[-1] if found else None
+
+
+@dataclass
+class RunState:
+    """What the three phases of one run (set-up, train loop, finish) share."""
+
+    accelerator: Any
+    objective: Any  # LanguageModeling or LabelledTask
+    log: Callable[[str], None]
+    main: bool  # the main process: it evaluates, prints and writes files
+    started: float
+    model: nn.Module  # as accelerate prepared it
+    plain_model: nn.Module  # the same model, unwrapped: what deltas, evaluation and saving see
+    tokenizer: Any
+    task_deltas: TaskDeltas
+    eval_examples: list
+    train_features: list
+    eval_features: list
+    collate: Callable
+    params: list
+    optimizer: Any
+    optimizer_used: str
+    scheduler: Any
+    total_steps: int
+    before: Evaluation | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    run_peak_memory: int = 0
+    training_peak_memory: int = 0
 
 
 class Trainer:
@@ -636,6 +170,15 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous_handler)
 
     def _run(self, accelerator) -> TrainResult:
+        run = self._set_up(accelerator)
+        self._train_loop(run)
+        return self._finish(run)
+
+    # the phases of a run ----------------------------------------------------------------------
+
+    def _set_up(self, accelerator) -> "RunState":
+        """Data, model, deltas, optimizer and schedule; the evaluation before training; the
+        resumed state, if any."""
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
@@ -690,109 +233,128 @@ class Trainer:
         scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=int(s.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
         model, optimizer = accelerator.prepare(model, optimizer)
-        plain_model = accelerator.unwrap_model(model)
+        run = RunState(
+            accelerator=accelerator, objective=objective, log=log, main=main, started=started,
+            model=model, plain_model=accelerator.unwrap_model(model), tokenizer=tokenizer, task_deltas=task_deltas,
+            eval_examples=eval_examples, train_features=train_features, eval_features=eval_features,
+            collate=collate, params=params, optimizer=optimizer, optimizer_used=optimizer_used, scheduler=scheduler,
+            total_steps=total_steps,
+        )
 
         # before the resumed state loads, so that "before" scores what an uninterrupted run's did
         self.phase = "during the evaluation before training"
-        before = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
+        run.before = self._evaluate(run)
         if main:
-            log(_describe("before", before))
-
-        step = 0
+            log(describe("before", run.before))
         if s.resume:
-            step = self._resume(plain_model, optimizer, scheduler)
-            log(f"resumed from step {step}")
+            run.step = self._resume(run.plain_model, optimizer, scheduler)
+            log(f"resumed from step {run.step}")
+        return run
 
-        stream = micro_batches([len(f["input_ids"]) for f in train_features], s,
+    def _train_loop(self, run: "RunState") -> None:
+        """Optimizer steps until ``total_steps``; Ctrl-C or SIGTERM writes a checkpoint."""
+        s, accelerator, log = self.settings, run.accelerator, run.log
+        model, plain_model, optimizer, scheduler = run.model, run.plain_model, run.optimizer, run.scheduler
+        stream = micro_batches([len(f["input_ids"]) for f in run.train_features], s,
                                accelerator.process_index, accelerator.num_processes)
-        for _ in range(step * s.grad_accum):
+        for _ in range(run.step * s.grad_accum):
             next(stream)  # same data order as an uninterrupted run
 
         bar = None
-        if main and self.progress:
+        if run.main and self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-        interrupted = False
+            bar = tqdm(total=run.total_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True)
         self.phase = "training"
-        run_peak_memory = peak_memory_bytes(accelerator.device)
+        run.run_peak_memory = peak_memory_bytes(accelerator.device)
         reset_peak_memory(accelerator.device)
         train_started = time.perf_counter()
-        tokens_seen = 0
         smoothed = None
-        train_losses: list[float] = []
         model.train()
         try:
-            while step < total_steps:
+            while run.step < run.total_steps:
                 step_loss = 0.0
                 for _ in range(s.grad_accum):
-                    chosen = [train_features[i] for i in next(stream)]
-                    batch = {k: v.to(accelerator.device) for k, v in collate(chosen).items()}
-                    with accelerator.autocast(), task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
-                        loss = objective.loss(model, batch)
+                    chosen = [run.train_features[i] for i in next(stream)]
+                    batch = {k: v.to(accelerator.device) for k, v in run.collate(chosen).items()}
+                    with accelerator.autocast(), run.task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
+                        loss = run.objective.loss(model, batch)
                     accelerator.backward(loss / s.grad_accum)
-                    tokens_seen += int(batch["attention_mask"].sum())
+                    run.tokens_seen += int(batch["attention_mask"].sum())
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
                     step_loss += loss.item() / s.grad_accum
                 if s.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                    accelerator.clip_grad_norm_(run.params, s.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                train_losses.append(step_loss)
-                after_optimizer_step(plain_model, step, total_steps)
+                run.step += 1
+                run.train_losses.append(step_loss)
+                after_optimizer_step(plain_model, run.step, run.total_steps)
                 elapsed = time.perf_counter() - train_started
                 if bar is not None:
                     bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    tok_s=f"{tokens_seen * accelerator.num_processes / elapsed:.0f}")
+                                    tok_s=f"{run.tokens_seen * accelerator.num_processes / elapsed:.0f}")
                     bar.update(1)
-                if main and s.eval_every and step % s.eval_every == 0 and step < total_steps:
-                    log(f"step {step}: held-out loss {objective.held_out_loss(plain_model, tokenizer, eval_features):.4f}")
+                if run.main and s.eval_every and run.step % s.eval_every == 0 and run.step < run.total_steps:
+                    loss_now = run.objective.held_out_loss(plain_model, run.tokenizer, run.eval_features)
+                    log(f"step {run.step}: held-out loss {loss_now:.4f}")
                     model.train()
-                if main and s.save_every and step % s.save_every == 0:
+                if run.main and s.save_every and run.step % s.save_every == 0:
                     try:
-                        self._checkpoint(plain_model, optimizer, scheduler, step)
+                        self._checkpoint(plain_model, optimizer, scheduler, run.step)
                     except (OSError, ConfigError) as exc:  # training goes on; the final save still comes
-                        log(f"step {step}: checkpoint not written ({exc}); training continues")
+                        log(f"step {run.step}: checkpoint not written ({exc}); training continues")
         except KeyboardInterrupt:
-            interrupted = True
-            if main:
-                path = self._checkpoint(plain_model, optimizer, scheduler, step)
-                message = f"interrupted at step {step}; saved {path}. Continue with the same command plus --resume"
+            if run.main:
+                path = self._checkpoint(plain_model, optimizer, scheduler, run.step)
+                message = f"interrupted at step {run.step}; saved {path}. Continue with the same command plus --resume"
                 log(f"\n{message}")
                 raise Interrupted(message) from None
             raise
         finally:
             if bar is not None:
                 bar.close()
-        train_seconds = time.perf_counter() - train_started
-        training_peak_memory = peak_memory_bytes(accelerator.device)
-        self.phase = "while saving the trained delta"
+        run.train_seconds = time.perf_counter() - train_started
+        run.training_peak_memory = peak_memory_bytes(accelerator.device)
 
+    def _finish(self, run: "RunState") -> TrainResult:
+        """Save the trained delta first, then the evaluation after training and the summary."""
+        s, accelerator = self.settings, run.accelerator
+        self.phase = "while saving the trained delta"
         accelerator.wait_for_everyone()
         delta_dir = self.output_dir / "delta"
-        if main:
+        if run.main:
             # the trained delta exists from here on: whatever happens next, it is saved first
-            delta_dir = self._save_final(plain_model, delta_dir)
+            delta_dir = self._save_final(run.plain_model, delta_dir)
             self.saved = f"the trained delta is saved in {delta_dir}"
-            tokenizer.save_pretrained(self.output_dir / "tokenizer")
+            run.tokenizer.save_pretrained(self.output_dir / "tokenizer")
         self.phase = "during the evaluation after training"
-        after = objective.evaluate(plain_model, tokenizer, eval_examples, eval_features, task_deltas) if main else None
-        if main:
-            log(_describe("after", after))
+        after = self._evaluate(run)
+        if run.main:
+            run.log(describe("after", after))
         result = TrainResult(
-            settings=s, before=before, after=after, steps=step, train_seconds=train_seconds,
-            total_seconds=time.perf_counter() - started,
-            tokens_per_second=tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9),
-            delta_dir=delta_dir, summary_line=summary(plain_model).headline(), interrupted=interrupted,
-            optimizer=optimizer_used, training_peak_memory_bytes=training_peak_memory, train_losses=train_losses,
-            peak_memory_bytes=max(run_peak_memory, peak_memory_bytes(accelerator.device)),
-            baseline=objective.baseline,
+            settings=s, before=run.before, after=after, steps=run.step, train_seconds=run.train_seconds,
+            total_seconds=time.perf_counter() - run.started,
+            tokens_per_second=run.tokens_seen * accelerator.num_processes / max(run.train_seconds, 1e-9),
+            delta_dir=delta_dir, summary_line=summary(run.plain_model).headline(), interrupted=False,
+            optimizer=run.optimizer_used, training_peak_memory_bytes=run.training_peak_memory,
+            train_losses=run.train_losses,
+            peak_memory_bytes=max(run.run_peak_memory, peak_memory_bytes(accelerator.device)),
+            baseline=run.objective.baseline,
         )
-        if main:
+        if run.main:
             self._write_summary(result)
         return result
+
+    def _evaluate(self, run: "RunState") -> Evaluation | None:
+        """The held-out evaluation (the main process's; None on the others)."""
+        if not run.main:
+            return None
+        return run.objective.evaluate(run.plain_model, run.tokenizer, run.eval_examples, run.eval_features,
+                                      run.task_deltas)
+
+    # the pieces ---------------------------------------------------------------------------------
 
     def _calibrate(self, model, delta_config, features, collate, loss_fn) -> None:
         """Deltas that choose their structure from data (FAR, gradient-pruned SparseAdapter)
@@ -845,7 +407,7 @@ class Trainer:
         }
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "delta": training_form,
-                 "settings": json.dumps(_resumed_settings(self.settings))}
+                 "settings": json.dumps(resumed_settings(self.settings))}
         write_atomically(staging / STATE_FILE, lambda temporary: torch.save(state, temporary))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -875,7 +437,7 @@ class Trainer:
     def _resume(self, model, optimizer, scheduler) -> int:
         checkpoint, state = self._readable_checkpoint()
         if "settings" in state:
-            saved, now = json.loads(state["settings"]), _resumed_settings(self.settings)
+            saved, now = json.loads(state["settings"]), resumed_settings(self.settings)
             changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
             if changed:
                 raise ConfigError(
@@ -913,33 +475,6 @@ class Trainer:
             "delta": str(result.delta_dir),
         }
         write_text_atomically(self.output_dir / "summary.json", json.dumps(data, indent=2) + "\n")
-
-
-def held_out_loss(model, tokenizer, features) -> float:
-    """Mean loss per label token over tokenised held-out examples, in batches of 16."""
-    collate = PadCollator(tokenizer.pad_token_id)
-    return evaluate_loss(model, [collate(features[i : i + 16]) for i in range(0, len(features), 16)])
-
-
-def _describe(when: str, evaluation: Evaluation) -> str:
-    if evaluation.metrics:
-        scores = ", ".join(f"{name} {value:.3f}" for name, value in evaluation.metrics.items())
-        return f"{when} training: held-out {scores}; loss {evaluation.loss:.4f}"
-    score = "n/a" if evaluation.exact_match is None else f"{evaluation.exact_match:.3f}"
-    return f"{when} training: held-out exact match {score}, loss {evaluation.loss:.4f}"
-
-
-#: settings a resumed run may change: how long it goes on, how often it evaluates and saves
-_MAY_CHANGE_ON_RESUME = frozenset({
-    "epochs", "max_steps", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite",
-    "output_dir", "eval_limit", "max_new_tokens", "samples",
-})
-
-
-def _resumed_settings(settings: TrainSettings) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with, as JSON values."""
-    values = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
-    return {k: v for k, v in values.items() if k not in _MAY_CHANGE_ON_RESUME}
 
 
 def _bytes_to_write(model: nn.Module, names: list[str], checkpoints: int) -> int:
