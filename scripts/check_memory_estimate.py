@@ -80,11 +80,13 @@ def largest_batch(steps: int, batch_size: int) -> tuple[int, int]:
     from transformers import AutoTokenizer
 
     from deltatune.train.data import IGNORE_INDEX, PadCollator, tokenize_examples
-    from deltatune.train.trainer import TrainSettings, _split_data, micro_batches
+    from deltatune.train.settings import TrainSettings
+    from deltatune.train.tasks import split_data
+    from deltatune.train.trainer import micro_batches
 
     settings = TrainSettings(max_steps=steps, batch_size=batch_size)
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
-    train, _ = _split_data(settings)
+    train, _ = split_data(settings)
     features = tokenize_examples(tokenizer, train, settings.max_length, settings.completion_only)
     stream = micro_batches([len(f["input_ids"]) for f in features], settings, 0, 1)
     collate = PadCollator(tokenizer.pad_token_id or 0)
@@ -99,7 +101,7 @@ def largest_batch(steps: int, batch_size: int) -> tuple[int, int]:
 def measured_run(steps: int, batch_size: int, output: Path, reuse: bool, env: dict[str, str]) -> dict:
     summary = output / "summary.json"
     if not (reuse and summary.is_file()):
-        command = [sys.executable, "-m", "deltatune", "train", "--max-steps", str(steps), "--batch-size", str(batch_size),
+        command = [sys.executable, "-m", "deltatune", "train", "--precision", "fp32", "--max-steps", str(steps), "--batch-size", str(batch_size),
                    "--eval-limit", "1", "--max-new-tokens", "4", "--no-progress", "--overwrite", "-o", str(output)]
         print("$ " + " ".join([*(f"{k}={v}" for k, v in env.items()), "deltatune", *command[3:]]), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from deltatune.train.labelled import HEADLINE_METRIC
-from deltatune.train.trainer import Trainer, TrainSettings
+from deltatune.train.settings import TrainSettings
+from deltatune.train.trainer import Trainer
 from readme_section import replace_section
 
 RUNS = "classify:lora,classify:houlsby,classify:bitfit,multilabel:lora,regression:lora,tag:lora"

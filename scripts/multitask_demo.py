@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from deltatune.train.trainer import Trainer, TrainSettings
+from deltatune.train.settings import TrainSettings
+from deltatune.train.trainer import Trainer
 from readme_section import replace_section
 
 DATA = Path(str(resources.files("deltatune") / "data" / "multitask"))

@@ -141,7 +141,7 @@ def test_estimate_within_fifteen_percent_of_a_measured_cpu_run(tmp_path):
 
     from deltatune.models import bundled_model_dir
 
-    subprocess.run([sys.executable, "-m", "deltatune", "train", "--max-steps", "3", "--batch-size", "8",
+    subprocess.run([sys.executable, "-m", "deltatune", "train", "--precision", "fp32", "--max-steps", "3", "--batch-size", "8",
                     "--eval-limit", "1", "--max-new-tokens", "2", "--no-progress", "-o", str(tmp_path)],
                    check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     measured = json.loads((tmp_path / "summary.json").read_text())["training_peak_memory_mib"] * 2**20

@@ -146,10 +146,10 @@ class LanguageModeling:
     def delta_config(self, train_examples: list) -> Any:
         return self.settings.delta_config()
 
-    def load(self) -> tuple[nn.Module, Any]:
+    def load(self, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
         from ..models import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(self.settings.model, quantize=self.settings.quantize)
+        return load_model_and_tokenizer(self.settings.model, dtype=dtype, quantize=self.settings.quantize)
 
     def attached(self, model: nn.Module, names: list[str]) -> None:
         self.subset = _keeps_logits_subset(model)
@@ -231,12 +231,12 @@ class LabelledTask:
             self.baseline = {"majority_class": majority[0], "majority_train_share": round(majority[1], 4)}
         return config
 
-    def load(self) -> tuple[nn.Module, Any]:
+    def load(self, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
         from ..models import DEFAULT_ENCODER, load_model_and_tokenizer
 
         s = self.settings
-        return load_model_and_tokenizer(s.model or DEFAULT_ENCODER, task=model_kind(s.task), quantize=s.quantize,
-                                        num_labels=self.head.num_outputs)
+        return load_model_and_tokenizer(s.model or DEFAULT_ENCODER, dtype=dtype, task=model_kind(s.task),
+                                        quantize=s.quantize, num_labels=self.head.num_outputs)
 
     def attached(self, model: nn.Module, names: list[str]) -> None:
         # the resolved head (its module paths) is the one the delta holds

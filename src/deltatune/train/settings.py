@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-from ..config import check_field_types, config as make_config, config_class, did_you_mean, read_mapping
+from ..config import check_choice, check_field_types, config as make_config, config_class, did_you_mean, read_mapping
 from ..errors import ConfigError
 from ..heads import TASKS
+from ..precision import PRECISIONS
 from ..quant import check_scheme
 from .optim import check_optimizer
 
@@ -59,7 +60,7 @@ class TrainSettings:
     resume: bool = False
     overwrite: bool = False  # replace an earlier run's results in output_dir
     seed: int = 0
-    bf16: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deltatune.precision)
     max_new_tokens: int = 24
     eval_limit: int | None = None
     samples: int = 3
@@ -75,6 +76,7 @@ class TrainSettings:
         for name, value in positive.items():
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
+        check_choice("precision", self.precision, PRECISIONS)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

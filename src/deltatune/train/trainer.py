@@ -54,6 +54,8 @@ from ..errors import ConfigError, Interrupted
 from ..io import save as save_delta
 from ..layer import delta_layers
 from ..outputs import RunLock, check_output_dir, clear_run, write_atomically, write_text_atomically
+from ..precision import describe as describe_precision
+from ..precision import resolve as resolve_precision
 from ..quant import prepare_for_kbit_training, quantized_storage
 from ..report import summary
 from .data import batch_indices
@@ -85,6 +87,7 @@ class TrainResult:
     training_peak_memory_bytes: int = 0  # from the first training step on: weights, activations, optimizer
     train_losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss, this process's steps
     baseline: dict[str, Any] = field(default_factory=dict)  # an encoder task's floor (majority class)
+    precision: str = "fp32"  # what the run computed in (settings.precision resolved on its device)
 
 
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
@@ -124,6 +127,7 @@ class RunState:
     optimizer_used: str
     scheduler: Any
     total_steps: int
+    precision: str  # the one resolved for this device (deltatune.precision.resolve)
     before: Evaluation | None = None
     step: int = 0
     tokens_seen: int = 0
@@ -150,7 +154,8 @@ class Trainer:
         from accelerate import Accelerator
 
         s = self.settings
-        accelerator = Accelerator(mixed_precision="bf16" if s.bf16 else "no")
+        # bf16: the base is stored in bf16 (set-up); fp16 keeps it fp32 under autocast with loss scaling
+        accelerator = Accelerator(mixed_precision="fp16" if s.precision == "fp16" else "no")
         if not accelerator.is_main_process:
             return self._run(accelerator)
         check_output_dir(self.output_dir, resume=s.resume, overwrite=s.overwrite)
@@ -196,8 +201,9 @@ class Trainer:
             log(f"warning: {note}")
         tasks = task_names(train_examples)
         delta_config = objective.delta_config(train_examples)
-        log(f"loading model {objective.model_name}")
-        model, tokenizer = objective.load()
+        precision = resolve_precision(s.precision, accelerator.device)
+        log(f"loading model {objective.model_name}; {describe_precision(precision, accelerator.device)}")
+        model, tokenizer = objective.load(torch.bfloat16 if precision == "bf16" else torch.float32)
         if s.quantize:
             prepare_for_kbit_training(model, gradient_checkpointing=s.gradient_checkpointing)
             log(f"quantized base: {quantized_storage(model)}")
@@ -238,7 +244,7 @@ class Trainer:
             model=model, plain_model=accelerator.unwrap_model(model), tokenizer=tokenizer, task_deltas=task_deltas,
             eval_examples=eval_examples, train_features=train_features, eval_features=eval_features,
             collate=collate, params=params, optimizer=optimizer, optimizer_used=optimizer_used, scheduler=scheduler,
-            total_steps=total_steps,
+            total_steps=total_steps, precision=precision,
         )
 
         # before the resumed state loads, so that "before" scores what an uninterrupted run's did
@@ -341,7 +347,7 @@ class Trainer:
             optimizer=run.optimizer_used, training_peak_memory_bytes=run.training_peak_memory,
             train_losses=run.train_losses,
             peak_memory_bytes=max(run.run_peak_memory, peak_memory_bytes(accelerator.device)),
-            baseline=run.objective.baseline,
+            baseline=run.objective.baseline, precision=run.precision,
         )
         if run.main:
             self._write_summary(result)
@@ -467,6 +473,7 @@ class Trainer:
             "total_seconds": round(result.total_seconds, 2),
             "tokens_per_second": round(result.tokens_per_second, 1),
             "optimizer": result.optimizer,
+            "precision": result.precision,
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
             "train_losses": [round(loss, 5) for loss in result.train_losses],
