@@ -69,3 +69,15 @@ def fp32_by_default_on_every_cpu():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(precision, "native_bf16", lambda device: False)
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def the_models_own_attention_by_default():
+    """``attention="auto"`` keeps whichever implementation a timing measures faster, which can
+    differ between two runs of one test on a busy machine; the suite trains with the model's
+    own, and test_precision.py times the candidates itself."""
+    import deltatune.train.attention_choice as attention_choice
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_choice, "CANDIDATES", ())
+        yield

@@ -115,3 +115,55 @@ def test_invariants_hold_on_a_bf16_base(method, tmp_path):
         torch.testing.assert_close(logits(model, inputs), expected, **BF16_TOL)
         dt.unmerge(model)
         torch.testing.assert_close(logits(model, inputs), expected, **BF16_TOL)
+
+
+# the attention implementation: the one measured fastest, without changing what the run computes
+
+import deltatune.train.attention_choice as attention_choice  # noqa: E402
+
+
+@pytest.fixture
+def timed_candidates(monkeypatch):
+    monkeypatch.setattr(attention_choice, "CANDIDATES", ("sdpa", "eager"))
+
+
+def test_auto_keeps_the_faster_implementation_and_leaves_no_trace(timed_candidates, monkeypatch):
+    model = tiny_model("llama")
+    dt.attach(model, METHODS["lora"]())
+    inputs = tiny_inputs("llama", model)
+    batch = {**inputs, "labels": inputs["input_ids"]}
+    monkeypatch.setattr(attention_choice, "_seconds_per_step",
+                        lambda m, name, b, f, r: {"sdpa": 2.0, "eager": 1.0}[name])
+    assert attention_choice.choose_attention(model, "auto", batch, lambda m, b: m(**b).loss)[0] == "eager"
+    monkeypatch.undo()
+    monkeypatch.setattr(attention_choice, "CANDIDATES", ("sdpa", "eager"))
+    rng = torch.get_rng_state()
+    chosen, timings = attention_choice.choose_attention(model, "auto", batch, lambda m, b: m(**b).loss)
+    assert chosen in ("sdpa", "eager") and set(timings) == {"sdpa", "eager"} and all(t > 0 for t in timings.values())
+    assert torch.equal(torch.get_rng_state(), rng)  # the timing steps drew no random numbers
+    assert all(p.grad is None for p in dt.trainable_parameters(model))
+
+
+def test_explicit_choices_and_deltas_that_read_attention_themselves(timed_candidates):
+    model = tiny_model("llama")
+    batch = {**tiny_inputs("llama", model), "labels": tiny_inputs("llama", model)["input_ids"]}
+    loss = lambda m, b: m(**b).loss  # noqa: E731
+    assert attention_choice.choose_attention(model, "eager", batch, loss) == ("eager", {})
+    assert attention_choice.choose_attention(model, "model", batch, loss) == ("model", {})
+    dt.attach(model, METHODS["prefix"]())
+    assert attention_choice.choose_attention(model, "auto", batch, loss) == ("model", {})
+    with pytest.raises(dt.ConfigError, match="attention='flash' is not valid; allowed: auto, model, eager, sdpa"):
+        attention_choice.choose_attention(model, "flash", batch, loss)
+
+
+def test_a_run_records_its_attention_and_a_resume_keeps_it(tiny_dir, data_file, tmp_path, timed_candidates, monkeypatch):
+    monkeypatch.setattr(attention_choice, "_seconds_per_step", lambda m, name, b, f, r: {"sdpa": 2.0, "eager": 1.0}[name])
+    first = _train(tiny_dir, data_file, tmp_path / "run", "--save-every", 1, "--max-steps", 2)
+    assert first.exit_code == 0, first.output
+    assert "attention: eager (a step of the longest batch: sdpa 2.00 s, eager 1.00 s)" in " ".join(first.output.split())
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["attention"] == "eager"
+    # a later measurement would choose the other: the resumed run still computes as the first did
+    monkeypatch.setattr(attention_choice, "_seconds_per_step", lambda m, name, b, f, r: {"sdpa": 1.0, "eager": 2.0}[name])
+    resumed = _train(tiny_dir, data_file, tmp_path / "run", "--save-every", 1, "--max-steps", 3, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["attention"] == "eager"

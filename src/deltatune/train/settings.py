@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..heads import TASKS
 from ..precision import PRECISIONS
 from ..quant import check_scheme
+from .attention_choice import ATTENTION_CHOICES
 from .optim import check_optimizer
 
 
@@ -61,6 +62,7 @@ class TrainSettings:
     overwrite: bool = False  # replace an earlier run's results in output_dir
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deltatune.precision)
+    attention: str = "auto"  # auto (the fastest measured) | model | eager | sdpa (train/attention_choice.py)
     max_new_tokens: int = 24
     eval_limit: int | None = None
     samples: int = 3
@@ -77,6 +79,7 @@ class TrainSettings:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("attention", self.attention, ATTENTION_CHOICES)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -58,6 +58,7 @@ from ..precision import describe as describe_precision
 from ..precision import resolve as resolve_precision
 from ..quant import prepare_for_kbit_training, quantized_storage
 from ..report import summary
+from .attention_choice import choose_attention
 from .data import batch_indices
 from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
 from .optim import OptimizerFallbackWarning, make_optimizer
@@ -88,6 +89,7 @@ class TrainResult:
     train_losses: list[float] = field(default_factory=list)  # each optimizer step's mean loss, this process's steps
     baseline: dict[str, Any] = field(default_factory=dict)  # an encoder task's floor (majority class)
     precision: str = "fp32"  # what the run computed in (settings.precision resolved on its device)
+    attention: str = "model"  # the attention implementation it trained with
 
 
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
@@ -128,6 +130,7 @@ class RunState:
     scheduler: Any
     total_steps: int
     precision: str  # the one resolved for this device (deltatune.precision.resolve)
+    attention: str  # the implementation trained with (train/attention_choice.py)
     before: Evaluation | None = None
     step: int = 0
     tokens_seen: int = 0
@@ -147,6 +150,8 @@ class Trainer:
         self.output_dir = Path(settings.output_dir)
         self.phase = "while loading"  # what the run is doing, for the message on interruption
         self.saved = ""  # what an interruption leaves on disk
+        self.attention = "model"  # the attention implementation chosen in set-up
+        self._checkpoint_found: tuple[Path, dict] | None = None
 
     def run(self) -> TrainResult:
         """Check the output directory, hold it for this run, train. Ctrl-C or SIGTERM in any
@@ -225,6 +230,15 @@ class Trainer:
         if not (s.resume and latest_checkpoint(Path(s.output_dir))):  # a resumed delta has its structure
             self._calibrate(model, delta_config, train_features, collate, objective.loss)
         log(str(summary(model)))
+        # a resumed run computes as the run it continues did, whatever a new measurement says
+        recorded = self._readable_checkpoint()[1].get("attention") if s.resume else None
+        longest = sorted(train_features, key=lambda f: len(f["input_ids"]), reverse=True)[: s.batch_size]
+        self.attention, timings = choose_attention(
+            model, recorded or s.attention, {k: v.to(accelerator.device) for k, v in collate(longest).items()},
+            objective.loss)
+        if timings:
+            measured = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
+            log(f"attention: {self.attention} (a step of the longest batch: {measured})")
 
         params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
@@ -244,7 +258,7 @@ class Trainer:
             model=model, plain_model=accelerator.unwrap_model(model), tokenizer=tokenizer, task_deltas=task_deltas,
             eval_examples=eval_examples, train_features=train_features, eval_features=eval_features,
             collate=collate, params=params, optimizer=optimizer, optimizer_used=optimizer_used, scheduler=scheduler,
-            total_steps=total_steps, precision=precision,
+            total_steps=total_steps, precision=precision, attention=self.attention,
         )
 
         # before the resumed state loads, so that "before" scores what an uninterrupted run's did
@@ -347,7 +361,7 @@ class Trainer:
             optimizer=run.optimizer_used, training_peak_memory_bytes=run.training_peak_memory,
             train_losses=run.train_losses,
             peak_memory_bytes=max(run.run_peak_memory, peak_memory_bytes(accelerator.device)),
-            baseline=run.objective.baseline, precision=run.precision,
+            baseline=run.objective.baseline, precision=run.precision, attention=run.attention,
         )
         if run.main:
             self._write_summary(result)
@@ -413,7 +427,7 @@ class Trainer:
         }
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "delta": training_form,
-                 "settings": json.dumps(resumed_settings(self.settings))}
+                 "settings": json.dumps(resumed_settings(self.settings)), "attention": self.attention}
         write_atomically(staging / STATE_FILE, lambda temporary: torch.save(state, temporary))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -425,7 +439,13 @@ class Trainer:
         return target
 
     def _readable_checkpoint(self) -> tuple[Path, dict]:
-        """The newest checkpoint whose state reads back whole; damaged newer ones are named and skipped."""
+        """The newest checkpoint whose state reads back whole; damaged newer ones are named and
+        skipped (once: the answer is kept for the run)."""
+        if self._checkpoint_found is None:
+            self._checkpoint_found = self._newest_readable_checkpoint()
+        return self._checkpoint_found
+
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict]:
         found = sorted((self.output_dir / CHECKPOINTS).glob("step-*"), reverse=True)
         if not found:
             raise ConfigError(f"--resume: no checkpoint under {self.output_dir / CHECKPOINTS}")
@@ -474,6 +494,7 @@ class Trainer:
             "tokens_per_second": round(result.tokens_per_second, 1),
             "optimizer": result.optimizer,
             "precision": result.precision,
+            "attention": result.attention,
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
             "train_losses": [round(loss, 5) for loss in result.train_losses],
