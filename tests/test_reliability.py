@@ -172,7 +172,7 @@ def _saved_delta_loads(tiny_dir, delta_dir):
 
 @_fault("lost")
 def test_interrupt_while_loading_says_nothing_was_trained(tiny_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.LanguageModeling, "load", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(trainer.LanguageModeling, "load", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
     result = train(tiny_dir, data_file, tmp_path / "run")
     assert result.exit_code == 130
     assert "interrupted while loading; nothing was trained yet, nothing saved" in result.output
