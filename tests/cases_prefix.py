@@ -13,13 +13,30 @@ CASES = {
 }
 # prefix tuning starts from random prefixes (the paper's init); LLaMA-Adapter's gate is zero
 NOT_IDENTITY = {"prefix", "prefix-reparameterized", "mam", "unipelt"}
-# attention computed in the model's own code (ALiBi in BLOOM, Falcon's fused paths) has no place
-# for extra keys; LLaMA-Adapter needs separate key/value projections and causal self-attention
-_OWN_ATTENTION = {"bloom", "falcon"}
+
+
+def _attaches(arch: str) -> bool:
+    """Whether prefix tuning attaches to the tiny ``arch`` with the installed transformers."""
+    from zoo import tiny_model
+
+    try:
+        dt.attach(tiny_model(arch), CASES["prefix"]())
+    except dt.DeltatuneError as exc:
+        assert "not supported" in str(exc), exc
+        return False
+    return True
+
+
+# attention computed in the model's own code (ALiBi in BLOOM) has no place for extra keys.
+# Falcon's attention moved onto transformers' attention interface in 5.25, so whether prefixes
+# reach it depends on the installed release: decided by attaching. Where deltatune attaches, the
+# invariant suite checks every result; where it refuses, that the refusal is clean.
+_OWN_ATTENTION = {"bloom"} | ({"falcon"} if not _attaches("falcon") else set())
+# LLaMA-Adapter needs separate key/value projections (Falcon's are fused) and causal self-attention
 UNSUPPORTED = {
     "prefix": _OWN_ATTENTION,
     "prefix-reparameterized": _OWN_ATTENTION,
     "mam": _OWN_ATTENTION,
     "unipelt": _OWN_ATTENTION,
-    "llama_adapter": _OWN_ATTENTION | {"gpt2", "gpt_neox", "bert", "roberta", "distilbert", "t5", "bart"},
+    "llama_adapter": _OWN_ATTENTION | {"falcon", "gpt2", "gpt_neox", "bert", "roberta", "distilbert", "t5", "bart"},
 }

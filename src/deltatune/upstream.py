@@ -24,7 +24,7 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 #: (oldest, newest) release of each dependency the test suite passed against; kept equal to
 #: the lower bounds in pyproject.toml and the newest run of scripts/compat.sh
 TESTED = {
-    "transformers": ("5.16.0", "5.24.0"),
+    "transformers": ("5.16.0", "5.25.0"),
     "bitsandbytes": ("0.50.0", "0.50.2"),
 }
 

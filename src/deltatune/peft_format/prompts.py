@@ -53,7 +53,6 @@ PEFT and by deltatune alike (PEFT's GPT-2 variant reads the fused ``c_attn``).
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any
 
@@ -274,6 +273,30 @@ class _RotaryShift:
         return rotated[0].transpose(0, 1).reshape(n, width).to(device=keys.device, dtype=keys.dtype)
 
 
+@torch.no_grad()
+def _rotates_as_rope(apply, head_dim: int) -> bool:
+    """Whether ``apply(q, k, cos, sin)`` is the rotary rotation x·cos + rotate_half(x)·sin of both,
+    tried on random values: the model's module may hold a plain function or a wrapper around one
+    (transformers 5.25 makes it a module, for kernel replacement), so its behaviour is what counts."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 3, head_dim, generator=generator) for _ in range(2))
+    angles = torch.randn(1, 3, head_dim, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    try:
+        rotated = apply(q, k, cos, sin)
+    except (TypeError, ValueError, RuntimeError):  # another signature: not the rotation this needs
+        return False
+    if not (isinstance(rotated, tuple) and len(rotated) == 2):
+        return False
+    half = head_dim // 2
+
+    def expected(x: Tensor) -> Tensor:
+        return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+
+    return all(isinstance(out, Tensor) and out.shape == x.shape and torch.allclose(out, expected(x), atol=1e-5)
+               for out, x in zip(rotated, (q, k)))
+
+
 def _rotary_embedding(model: nn.Module) -> tuple[nn.Module | None, str | None]:
     """The model's one rotary embedding, or why its positions are more than that."""
     config = getattr(model, "config", None)
@@ -326,7 +349,7 @@ def _prefix_layout(
         attention = model_modules(model)[slots[0]]
         apply = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
         head_dim = getattr(attention, "head_dim", None)
-        if apply is None or list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"] or head_dim is None:
+        if apply is None or not isinstance(head_dim, int) or not _rotates_as_rope(apply, head_dim):
             reason = f"{type(attention).__name__} does not rotate keys with a known apply_rotary_pos_emb(q, k, cos, sin)"
         elif 2 * rotary.inv_freq.numel() != head_dim:
             reason = "its rotary embedding covers only part of each head"
