@@ -82,7 +82,6 @@ class TrainResult:
     tokens_per_second: float
     delta_dir: Path
     summary_line: str
-    interrupted: bool = False
     optimizer: str = "adamw"  # the one used (a paged optimizer without CUDA runs unpaged)
     peak_memory_bytes: int = 0  # whole run, loading included (see peak_memory_bytes())
     training_peak_memory_bytes: int = 0  # from the first training step on: weights, activations, optimizer
@@ -357,7 +356,7 @@ class Trainer:
             settings=s, before=run.before, after=after, steps=run.step, train_seconds=run.train_seconds,
             total_seconds=time.perf_counter() - run.started,
             tokens_per_second=run.tokens_seen * accelerator.num_processes / max(run.train_seconds, 1e-9),
-            delta_dir=delta_dir, summary_line=summary(run.plain_model).headline(), interrupted=False,
+            delta_dir=delta_dir, summary_line=summary(run.plain_model).headline(),
             optimizer=run.optimizer_used, training_peak_memory_bytes=run.training_peak_memory,
             train_losses=run.train_losses,
             peak_memory_bytes=max(run.run_peak_memory, peak_memory_bytes(accelerator.device)),
