@@ -72,6 +72,15 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
+def two_training_steps(model, inputs, params):
+    """Two AdamW steps on a loss of the logits; the gradients stay (zeroed, not dropped)."""
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        model(**inputs).logits.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+
 def perturb(model, name, seed=1):
     """Give a delta non-trivial weights, so that it is no longer the identity."""
     gen = torch.Generator().manual_seed(seed)
@@ -200,12 +209,7 @@ def test_only_delta_parameters_train(method, arch):
     base_state = {k: v.clone() for k, v in model.state_dict().items() if ".deltas." not in k}
     delta_params = dt.trainable_parameters(model)
     assert delta_params and all(p.requires_grad for p in delta_params)
-    optimizer = torch.optim.AdamW(delta_params, lr=1e-2)
-    for _ in range(2):
-        out = model(**inputs)
-        out.logits.float().pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+    two_training_steps(model, inputs, delta_params)
     ids = {id(p) for p in delta_params}
     for name, p in model.named_parameters():
         if id(p) not in ids:

@@ -17,6 +17,7 @@ import torch
 import deltatune as dt
 from deltatune.config import registered_classes
 from deltatune.layer import delta_layers
+from test_invariants import TOL, logits, two_training_steps
 from zoo import ARCHITECTURES, randomize_delta, tiny_inputs, tiny_model
 
 #: method -> (its config, {prerequisite delta name: its config})
@@ -26,12 +27,6 @@ OVER_DELTAS = {
 }
 CASES = [(m, a) for m in OVER_DELTAS for a in ARCHITECTURES]
 IDS = [f"{m}-{a}" for m, a in CASES]
-TOL = dict(atol=2e-4, rtol=1e-4)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def attached(method, arch, randomize_prerequisites=True):
@@ -66,11 +61,7 @@ def test_only_the_new_delta_trains(method, arch):
     trainable = dt.trainable_parameters(model)
     own = {id(p) for layer in delta_layers(model).values() if "f" in layer.deltas for p in layer.deltas["f"].parameters()}
     assert trainable and {id(p) for p in trainable} == own
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    for _ in range(2):
-        model(**inputs).logits.float().pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+    two_training_steps(model, inputs, trainable)
     after = model.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     assert all(p.grad is not None for p in trainable)

@@ -132,8 +132,9 @@ class Plan:
             f"trainable params: {self.delta_params:,} || all params: {total:,} "
             f"|| trainable%: {100.0 * self.delta_params / total:.4f}",
         ]
-        if self.oversized():
-            lines.append(f"warning: {self.oversized()}")
+        oversized = self.oversized()
+        if oversized:
+            lines.append(f"warning: {oversized}")
         return "\n".join(lines)
 
 
