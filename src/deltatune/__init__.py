@@ -24,7 +24,7 @@ _DEFINED_IN = {
     **dict.fromkeys([
         "activate", "active_block", "adapter_drop", "attach", "calibrate", "count_parameters", "deactivate",
         "delete", "deltas", "detach", "disabled", "fold", "merge", "merge_and_detach", "route",
-        "trainable_parameters", "unmerge",
+        "trainable_parameters", "training_penalty", "unmerge",
     ], "api"),
     **dict.fromkeys(["combine"], "combine"),
     **dict.fromkeys(["Average", "BatchSplit", "Block", "Fuse", "Parallel", "Stack"], "composition"),

@@ -573,6 +573,16 @@ def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
             delta.after_optimizer_step(step, total_steps)
 
 
+def training_penalty(model: nn.Module, names: str | Iterable[str] | None = None) -> torch.Tensor | float:
+    """The sum of the named deltas' (the active ones by default) training penalties, to add to
+    the training loss; 0.0 when none has one (the trainer adds it)."""
+    infos = deltas(model)
+    chosen = set(chosen_names(model, names, [n for n, i in infos.items() if i.active]))
+    terms = [term for layer in delta_layers(model).values() for name, delta in layer.deltas.items()
+             if name in chosen and (term := delta.training_penalty()) is not None]
+    return torch.stack([t.float() for t in terms]).sum() if terms else 0.0
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; shared (tied) parameters count once."""
     check_model("count_parameters", model)

@@ -134,6 +134,11 @@ class Delta(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after every optimizer step (e.g. iterative pruning)."""
 
+    def training_penalty(self) -> Tensor | None:
+        """A term the trainer adds to the training loss (e.g. Diff Pruning's expected L0
+        norm times its weight), or None (default)."""
+        return None
+
     #: under :func:`deltatune.task_route`: the task of each sample of the batch (a delta that
     #: routes tasks itself, e.g. a hypernetwork's); None otherwise
     per_sample_tasks: list[str | None] | None = None

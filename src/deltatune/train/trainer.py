@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
-from ..api import after_optimizer_step, calibrate, trainable_parameters
+from ..api import after_optimizer_step, calibrate, trainable_parameters, training_penalty
 from ..errors import ConfigError, Interrupted
 from ..io import save as save_delta
 from ..layer import delta_layers
@@ -298,7 +298,7 @@ class Trainer:
                     batch = {k: v.to(accelerator.device) for k, v in run.collate(chosen).items()}
                     with accelerator.autocast(), run.task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
                         loss = run.objective.loss(model, batch)
-                    accelerator.backward(loss / s.grad_accum)
+                    accelerator.backward((loss + training_penalty(plain_model, self.names)) / s.grad_accum)
                     run.tokens_seen += int(batch["attention_mask"].sum())
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
                     step_loss += loss.item() / s.grad_accum
