@@ -1,3 +1,6 @@
 """One module per method family; importing this package registers them all."""
 
-from . import adapters, compacter, far, fusion, hybrids, hyper, ia3, krona, lora, prefix, prompt, selective, sparse_adapter  # noqa: F401
+from . import (  # noqa: F401
+    adapters, compacter, far, fusion, hybrids, hyper, ia3, intrinsic, krona, lora, prefix, prompt, selective,
+    sparse_adapter, sparse_diff,
+)
