@@ -360,13 +360,15 @@ class FisherGroup:
         """Before calibration: the k entries of largest |W|; a dry run on the meta device only
         sizes each layer's share (proportional to its size); a delta being loaded waits for its
         checkpoint."""
-        if not self.deltas or not self.deltas[0].initialized:
+        if not self.deltas:
             return
         if self.deltas[0].device.type == "meta":
             sizes = [math.prod(d.shape) for d in self.deltas]
             counts = _proportional(self.k, sizes)
             for delta, count in zip(self.deltas, counts):
                 delta.select(torch.empty(count, dtype=torch.long, device=delta.device))
+            return
+        if not self.deltas[0].initialized:
             return
         chosen = largest_entries((d.source.dense_weight().abs() for d in self.deltas), self.k)
         for delta, flat in zip(self.deltas, chosen):
