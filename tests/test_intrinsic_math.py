@@ -95,3 +95,13 @@ def test_did_without_per_layer_scales_and_a_gradient_only_through_theta():
     torch.testing.assert_close(delta.theta.grad, torch.stack(columns, dim=1).T @ grad_w.flatten(), rtol=1e-4, atol=1e-6)
     with pytest.raises(dt.ConfigError, match="dimension must be a positive integer"):
         dt.IntrinsicSAIDConfig(dimension=0)
+
+
+def test_d90_is_the_smallest_dimension_reaching_the_share_of_full_fine_tuning(tmp_path):
+    from deltatune.analysis.intrinsic_dim import IntrinsicDimension
+
+    found = IntrinsicDimension("accuracy", 0.8, [(1000, 0.79), (10, 0.5), (100, 0.75)])
+    assert found.target == pytest.approx(0.72) and found.d90 == 100
+    assert "d90 = 100" in str(found)
+    assert IntrinsicDimension("accuracy", 0.8, [(10, 0.5)]).d90 is None
+    assert found.plot(tmp_path / "plot.png").stat().st_size > 0

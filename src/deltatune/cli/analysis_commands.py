@@ -1,4 +1,4 @@
-"""``deltatune compare``, ``deltatune analyze subspace`` and ``deltatune advise``: which method,
+"""``deltatune compare``, ``deltatune analyze subspace`` / ``intrinsic-dim`` and ``deltatune advise``: which method,
 and will it fit. Registered on the main app by an import at the bottom of :mod:`.main`."""
 
 from __future__ import annotations
@@ -100,6 +100,46 @@ def subspace_command(
         "amplification": amplification,
     }, indent=1) + "\n")
     console.print(f"heatmap: {png}; numbers: {numbers}", highlight=False)
+
+
+@analyze_app.command("intrinsic-dim")
+@friendly_errors("analyze intrinsic-dim")
+def intrinsic_dim_command(
+    model: Optional[str] = ModelOpt,
+    task: str = typer.Option("classify", help="classify | multilabel | regression | tag (an encoder task with a head), or none: language modelling"),
+    data: Optional[str] = typer.Option(None, help="training data as for `deltatune train` (default: the bundled data of --task)"),
+    eval_data: Optional[str] = typer.Option(None, help="held-out file (default: a seeded 10% of --data)"),
+    dimensions: str = typer.Option("10,100,1000,4000,10000", help="comma-separated ladder of d"),
+    steps: int = typer.Option(100, min=1, help="optimizer steps per run"),
+    batch_size: int = typer.Option(8, min=1, help="examples per step"),
+    lr: Optional[float] = typer.Option(None, help="Intrinsic SAID's learning rate (default: the method's)"),
+    metric: Optional[str] = typer.Option(None, help="held-out metric to compare (default: the task's first, e.g. accuracy; exact_match for language modelling)"),
+    full_metric: Optional[float] = typer.Option(None, help="full fine-tuning's metric, if known (skips that run)"),
+    threshold: float = typer.Option(0.9, help="the share of full fine-tuning's metric d must reach (0.9: d90)"),
+    seed: int = typer.Option(0),
+    output_dir: Path = typer.Option(Path("runs/intrinsic-dim"), "--output-dir", "-o", help="one folder per run, the plot and the numbers"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Intrinsic dimension (Aghajanyan et al. 2021): train Intrinsic SAID at each d of a ladder
+    and full fine-tuning (every block's weights) with the same budget; print d90, the smallest d
+    reaching 90% of full fine-tuning's held-out metric, and plot metric against d."""
+    from ..analysis.intrinsic_dim import intrinsic_dimension
+    from ..errors import ConfigError
+    from ..outputs import refuse_file
+
+    refuse_file(output_dir, "--output-dir")
+    try:
+        ladder = [int(d) for d in dimensions.split(",") if d.strip()]
+    except ValueError:
+        raise ConfigError(f"--dimensions must be comma-separated integers, got {dimensions!r}") from None
+    found = intrinsic_dimension(
+        ladder, model=model, task=None if task == "none" else task, data=data, eval_data=eval_data, steps=steps,
+        batch_size=batch_size, lr=lr, metric=metric, full_metric=full_metric, threshold=threshold, seed=seed,
+        output_dir=output_dir, progress=progress, log=lambda message: console.print(message, highlight=False),
+    )
+    console.print(str(found), highlight=False)
+    plot = found.plot(output_dir / "intrinsic_dim.png")
+    console.print(f"plot: {plot}; numbers: {output_dir / 'intrinsic_dim.json'}", highlight=False)
 
 
 @app.command("advise")
