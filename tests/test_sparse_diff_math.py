@@ -279,3 +279,27 @@ def test_trainable_and_changed_shares_on_bert_base_and_t5_base_are_in_the_papers
         assert dt.plan(model, dt.FISHMaskConfig(share=0.0001)).delta_params / total >= 0.0001 * 0.9, label
         said = dt.plan(model, dt.IntrinsicSAIDConfig()).delta_params / total
         assert 0.00001 <= said <= 0.001, label
+
+
+@pytest.mark.slow
+def test_fish_delta_at_half_a_percent_of_the_bundled_model_saves_under_one_percent_and_reloads_exactly(tmp_path):
+    from deltatune.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(dtype=torch.float32)
+    total = sum(p.numel() for p in model.parameters())
+    dt.attach(model, dt.FISHMaskConfig(count=round(0.005 * total)))
+    params = dt.trainable_parameters(model)
+    assert sum(p.numel() for p in params) == round(0.005 * total)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=1e-3)
+    dt.save(model, tmp_path / "fish")
+    dense_bytes = total * 4  # the same difference stored densely in fp32
+    saved_bytes = (tmp_path / "fish" / "delta.safetensors").stat().st_size
+    assert saved_bytes <= 0.01 * dense_bytes
+    expected = {path: (d.index.clone(), d.values.detach().clone()) for path, d in deltas_of(model).items()}
+    fresh, _ = load_model_and_tokenizer(dtype=torch.float32)
+    dt.load(fresh, tmp_path / "fish")
+    for path, delta in deltas_of(fresh).items():
+        index, values = expected[path]
+        assert torch.equal(delta.index, index) and torch.equal(delta.values, values)
