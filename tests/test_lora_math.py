@@ -161,15 +161,21 @@ def test_bias_delta_trains_and_merges():
 
 def test_no_input_copy_when_dropout_is_zero(monkeypatch):
     from deltatune.backends import LinearBackend
+    from deltatune.fused import LowRankLinear
 
     seen = []
-    original = LinearBackend.project_input
+    original, fused = LinearBackend.project_input, LowRankLinear.forward
 
     def spy(self, x, a):
         seen.append(x)
         return original(self, x, a)
 
+    def fused_spy(ctx, x, *args):  # the product fused with the base layer's (deltatune/fused.py)
+        seen.append(x)
+        return fused(ctx, x, *args)
+
     monkeypatch.setattr(LinearBackend, "project_input", spy)
+    monkeypatch.setattr(LowRankLinear, "forward", staticmethod(fused_spy))
     model = one_layer(nn.Linear(8, 8))
     dt.attach(model, dt.LoRAConfig(r=2, targets=["proj"]))
     x = torch.randn(2, 8)

@@ -72,6 +72,12 @@ class Backend:
         low-rank update."""
         return F.linear(x, a)
 
+    def fusable_product(self) -> tuple[Tensor, Tensor | None] | None:
+        """(W as (out, in), bias) when the layer's output is exactly x Wᵀ + b with W and b
+        frozen, so a delta may compute that product itself, fused with its own
+        (:mod:`deltatune.fused`); None otherwise (the base module must run)."""
+        return None
+
 
 class LinearBackend(Backend):
     """``torch.nn.Linear``: weight stored (out, in)."""
@@ -88,6 +94,21 @@ class LinearBackend(Backend):
 
     def dense_weight(self) -> Tensor:
         return self.weight
+
+    def fusable_product(self) -> tuple[Tensor, Tensor | None] | None:
+        module = self.module
+        # a subclass or an instance with its own forward (accelerate's offloading hooks) may do
+        # more than x Wᵀ + b, and forward hooks must see the module run: torch offers no public
+        # listing of a module's hooks, so its hook dictionaries are read
+        if type(module).forward is not nn.Linear.forward or "forward" in vars(module):
+            return None
+        hooks = torch.nn.modules.module
+        if module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+            return None
+        bias = module.bias
+        if module.weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        return module.weight, bias
 
 
 class Conv1DBackend(Backend):

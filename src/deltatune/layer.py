@@ -67,6 +67,13 @@ class Delta(nn.Module):
     def transform_input(self, x: Tensor, backend: Backend) -> Tensor:
         return x
 
+    def fused_output(self, x: Tensor, backend: Backend) -> Tensor | None:
+        """With ``acts_on == "output"``, when this is the layer's only active delta: the layer's
+        whole output, the base product included, computed in one fused step
+        (:mod:`deltatune.fused`); None (the default) where this delta cannot, and the layer then
+        runs its base module and :meth:`forward`. Equal to ``forward(x, base(x), backend)``."""
+        return None
+
     def parameter_values(self, backend: Backend) -> dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not override its layer's parameters")
 
@@ -262,6 +269,10 @@ class DeltaLayer(nn.Module):
         if self.composition is not None:
             return self.composition(self, x, self.base(x, *args, **kwargs))
         if self._plain:
+            if len(self._unmerged) == 1 and not args and not kwargs:
+                fused = self.deltas[self._unmerged[0]].fused_output(x, self.backend)
+                if fused is not None:
+                    return fused
             out = self.base(x, *args, **kwargs)
             for name in self._unmerged:
                 out = self.deltas[name](x, out, self.backend)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..backends import Backend, backend_for
 from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_number, check_positive_int, param_dtype, register
 from ..errors import ConfigError, TargetError
+from ..fused import LowRankLinear
 from ..layer import Delta
 from ..targets import validate_pattern
 
@@ -209,6 +210,19 @@ class LoRADelta(Delta):
         if self.delta_bias is not None:
             out = out + self.delta_bias.to(dtype)
         return out
+
+    def fused_output(self, x: Tensor, backend: Backend) -> Tensor | None:
+        # plain LoRA on a frozen dense layer; dropout in training needs the undropped input for the
+        # base product, autocast its own casts; PiSSA's B A x - B0 A0 x cancels exactly at init
+        # only as two separate products
+        if (self.magnitude is not None or self.delta_bias is not None or self.pissa
+                or (self.dropout is not None and self.training)):
+            return None
+        product = backend.fusable_product()
+        if product is None or torch.is_autocast_enabled(x.device.type):
+            return None
+        weight, bias = product
+        return LowRankLinear.apply(x, weight, bias, *self.factors(), self.scale)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(A', B') with B' A' the unscaled update: A, B, or for PiSSA the stacked [A; A0] and
