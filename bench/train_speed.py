@@ -6,8 +6,10 @@ the LoRA default learning rate:
 
 * ``deltatune``: what ``deltatune train`` does by default: ``precision="auto"`` resolved on this
   device (bf16 base with fp32 deltas where bf16 products are native, else fp32),
-  ``attention="auto"`` (the implementation measured faster on the longest batch) and the loss
-  through deltatune's own path (the LM head only over the answer columns);
+  ``attention="auto"`` (the implementation measured faster on the longest batch), packed
+  batches (each batch's examples in a few rows, their shared prompt prefix computed once:
+  ``train/packing.py``), LoRA's products fused with the base layer's (``deltatune/fused.py``)
+  and the loss through deltatune's own path (the LM head only where a label is predicted);
 * ``peft-fp32``: ``peft.get_peft_model`` and the model's own loss (``labels=``), in fp32;
 * ``peft-bf16``: the same under ``torch.autocast("cpu"/"cuda", torch.bfloat16)``.
 
@@ -17,7 +19,10 @@ epoch's matrix-product floor: 4·N FLOPs per token for the frozen base's N body 
 product and the backward product for the input gradient; no weight gradients) plus the head's
 over the answer tokens, at the GEMM rate measured in this run in the precision deltatune chose.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_speed.py [--steps N] [--device cuda]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/train_speed.py [--steps N] [--device cuda] [--precision fp32]
+
+``--precision fp32`` runs deltatune as on a CPU without native bf16 (packing and the fused paths
+alone), against the same two PEFT loops.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from deltatune.models import load_model_and_tokenizer  # noqa: E402
 from deltatune.train.data import PadCollator, batch_indices, demo_data_path, load_examples, tokenize_examples  # noqa: E402
 from deltatune.train.attention_choice import choose_attention  # noqa: E402
 from deltatune.train.objectives import causal_lm_loss  # noqa: E402
+from deltatune.train.packing import PackedCollator, packing_blocker  # noqa: E402
 
 RANK, ALPHA, BATCH, MAX_LENGTH = 8, 16, 8, 256
 
@@ -86,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="stop each epoch after this many steps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=precision.PRECISIONS,
+                        help="deltatune's precision (default auto, as `deltatune train`)")
     args = parser.parse_args()
     device = torch.device(args.device)
     from peft import LoraConfig, get_peft_model
@@ -98,9 +106,9 @@ def main() -> None:
     tokens = sum(len(features[i]["input_ids"]) for b in batches for i in b)
     answers = sum(sum(t != -100 for t in features[i]["labels"]) for b in batches for i in b)
 
-    chosen = precision.resolve("auto", device)
+    chosen = precision.resolve(args.precision, device)
     features_line = ", ".join(sorted(set(precision.cpu_features()) & {"avx512f", *precision.NATIVE_BF16_FEATURES})) or "none"
-    print(f"device {device}; CPU features: {features_line}; deltatune's precision='auto' here: {chosen}")
+    print(f"device {device}; CPU features: {features_line}; deltatune's precision={args.precision!r} here: {chosen}")
     rates = {"fp32": gemm_rate(torch.float32, device), "bf16": gemm_rate(torch.bfloat16, device)}
     print(f"GEMM rate: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s")
     head = base.get_output_embeddings().weight.numel()
@@ -120,7 +128,13 @@ def main() -> None:
     attention, timings = choose_attention(model, "auto", {k: v.to(device) for k, v in collate(longest).items()}, loss)
     print(f"deltatune's attention='auto' here: {attention} ({', '.join(f'{k} {v:.2f} s' for k, v in timings.items())} "
           "per step of the longest batch)")
-    results["deltatune"] = epoch(model, batches, features, collate, loss, dt.trainable_parameters(model), device)
+    packed = PackedCollator(tokenizer.pad_token_id, budget=MAX_LENGTH)
+    blocker = packing_blocker(model, features, packed, tokenizer.pad_token_id, loss, device)
+    example = packed([features[i] for i in batches[0]])
+    print("deltatune's batches: " + (blocker or f"packed, e.g. {len(batches[0])} examples of "
+          f"{sum(len(features[i]['input_ids']) for i in batches[0])} tokens in {tuple(example['input_ids'].shape)}"))
+    own_collate = collate if blocker else packed
+    results["deltatune"] = epoch(model, batches, features, own_collate, loss, dt.trainable_parameters(model), device)
     del model
     for name, autocast in (("peft-fp32", None), ("peft-bf16", torch.bfloat16)):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,

@@ -15,6 +15,7 @@ from torch import nn
 from ..api import deltas
 from ..errors import ConfigError
 from ..heads import TaskHead, model_kind
+from ..layer import delta_layers
 from .data import (
     IGNORE_INDEX,
     Example,
@@ -38,6 +39,7 @@ from .labelled import (
     tokenize_labelled,
 )
 
+from .packing import PREFIX, PackedCollator, packed_model_inputs, packing_blocker
 from .settings import TrainSettings
 from .tasks import TaskDeltas, data_files, hold_out, split_data, task_names
 
@@ -62,10 +64,19 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: 
 
     With ``subset`` the LM head runs only on the columns holding labels (the answer span of
     the batch): on instruction data most tokens are prompt, and a 50k-word head is a large
-    share of a small model's compute.
+    share of a small model's compute. A packed batch (:mod:`.packing`) runs the head on exactly
+    the positions that predict a label.
     """
     labels = batch["labels"]
-    if subset:
+    if "segment_ids" in batch:
+        predicted = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        inputs = packed_model_inputs(model, batch)
+        if subset:
+            logits = model(**inputs, logits_to_keep=predicted - 1, use_cache=False).logits
+        else:
+            logits = model(**inputs, use_cache=False).logits.index_select(1, predicted - 1)
+        targets = labels.index_select(1, predicted)
+    elif subset:
         columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
         first = max(int(columns.min()), 1)
         last = int(columns.max())
@@ -131,6 +142,8 @@ class LanguageModeling:
         self.subset = False
         self.baseline: dict[str, Any] = {}
         self.notes: list[str] = []  # about the data, for the run's log
+        self.packed: PackedCollator | None = None  # the training batches' layout, when packed
+        self.packing_note = ""
 
     @property
     def model_name(self) -> str:
@@ -158,7 +171,35 @@ class LanguageModeling:
         return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.completion_only)
 
     def collator(self, tokenizer) -> Callable:
-        return PadCollator(tokenizer.pad_token_id)
+        return self.packed or PadCollator(tokenizer.pad_token_id)
+
+    def choose_layout(self, model: nn.Module, tokenizer, features: list[dict], tasks: TaskDeltas,
+                      device: torch.device) -> str:
+        """Pack the training batches (:mod:`.packing`) unless the settings, the deltas or the model
+        rule it out; returns the line saying which, for the run's log."""
+        packed = PackedCollator(tokenizer.pad_token_id, budget=self.settings.max_length)
+        blocker = self._packing_blocker(model, tokenizer, features, tasks, packed, device)
+        if blocker is None:
+            self.packed = packed
+            example = packed([features[i] for i in range(min(len(features), self.settings.batch_size))])
+            prefix = int((example["segment_ids"][0] == PREFIX).sum())
+            self.packing_note = "packed" + (f", a shared prompt prefix of {prefix} tokens computed once per row"
+                                            if prefix else "")
+        else:
+            self.packing_note = f"padded ({blocker})"
+        return self.packing_note
+
+    def _packing_blocker(self, model, tokenizer, features, tasks, packed, device) -> str | None:
+        if not self.settings.packing:
+            return "--no-packing"
+        if tasks.names:
+            return "several tasks: each sample is routed to its task's delta by batch row"
+        configs = deltas(model)
+        calling = sorted({configs[name].config.method for layer in delta_layers(model).values()
+                          for name, delta in layer.deltas.items() if delta.acts_on == "call"})
+        if calling:
+            return f"{', '.join(calling)} adds its own tokens or attention to every sequence"
+        return packing_blocker(model, features, packed, tokenizer.pad_token_id, self.loss, device)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss(model, batch, self.subset)
@@ -180,6 +221,7 @@ class LabelledTask:
         self.head: TaskHead | None = None
         self.baseline: dict[str, Any] = {}
         self.notes: list[str] = []  # about the data, for the run's log
+        self.packing_note = ""  # labelled batches are padded: a task head reads whole sequences
 
     @property
     def model_name(self) -> str:
@@ -248,6 +290,9 @@ class LabelledTask:
 
     def collator(self, tokenizer) -> Callable:
         return LabelledCollator(tokenizer.pad_token_id, self.head.task)
+
+    def choose_layout(self, model, tokenizer, features, tasks, device) -> str:
+        return ""
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return task_loss(model, self.head, batch)

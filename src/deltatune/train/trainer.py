@@ -89,6 +89,7 @@ class TrainResult:
     baseline: dict[str, Any] = field(default_factory=dict)  # an encoder task's floor (majority class)
     precision: str = "fp32"  # what the run computed in (settings.precision resolved on its device)
     attention: str = "model"  # the attention implementation it trained with
+    packing: str = ""  # how its language-modelling batches were laid out ("on, ..." or "off: why")
 
 
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
@@ -238,6 +239,10 @@ class Trainer:
         if timings:
             measured = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
             log(f"attention: {self.attention} (a step of the longest batch: {measured})")
+        layout = objective.choose_layout(model, tokenizer, train_features, task_deltas, accelerator.device)
+        if layout:
+            log(f"batches: {layout}")
+            collate = objective.collator(tokenizer)
 
         params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
@@ -299,7 +304,7 @@ class Trainer:
                     with accelerator.autocast(), run.task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
                         loss = run.objective.loss(model, batch)
                     accelerator.backward((loss + training_penalty(plain_model, self.names)) / s.grad_accum)
-                    run.tokens_seen += int(batch["attention_mask"].sum())
+                    run.tokens_seen += sum(len(f["input_ids"]) for f in chosen)
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
                     step_loss += loss.item() / s.grad_accum
                 if s.max_grad_norm:
@@ -361,6 +366,7 @@ class Trainer:
             train_losses=run.train_losses,
             peak_memory_bytes=max(run.run_peak_memory, peak_memory_bytes(accelerator.device)),
             baseline=run.objective.baseline, precision=run.precision, attention=run.attention,
+            packing=run.objective.packing_note,
         )
         if run.main:
             self._write_summary(result)
@@ -494,6 +500,7 @@ class Trainer:
             "optimizer": result.optimizer,
             "precision": result.precision,
             "attention": result.attention,
+            **({"packing": result.packing} if result.packing else {}),
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
             "train_losses": [round(loss, 5) for loss in result.train_losses],
