@@ -105,3 +105,20 @@ def test_d90_is_the_smallest_dimension_reaching_the_share_of_full_fine_tuning(tm
     assert "d90 = 100" in str(found)
     assert IntrinsicDimension("accuracy", 0.8, [(10, 0.5)]).d90 is None
     assert found.plot(tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_a_forward_without_gradients_reuses_the_difference_only_while_its_inputs_are_unchanged():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 8))
+    dt.attach(model, dt.IntrinsicSAIDConfig(dimension=6))
+    delta = deltas_of(model)["0"]
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        first = model(x)
+        assert torch.equal(model(x), first)
+        delta.theta.add_(1.0)  # an optimizer step changes θ in place
+        moved = model(x)
+        delta.scale.mul_(2.0)
+        scaled = model(x)
+    assert not torch.equal(moved, first) and not torch.equal(scaled, moved)
+    torch.testing.assert_close(scaled, x @ (model[0].base.weight + 2 * delta.projection()).T + model[0].base.bias)

@@ -132,6 +132,9 @@ class IntrinsicDelta(WeightDifference):
         """θ^d."""
         return self.shared[0].theta if self.shared is not None else self.theta
 
+    def difference_inputs(self) -> list[Tensor]:
+        return [self.intrinsic, *([] if self.scale is None else [self.scale])]
+
     def projection(self) -> Tensor:
         """P_m(θ^d) as (out, in)."""
         v = F.pad(self.intrinsic.float() * self.signs, (0, self.padded - self.config.dimension))
@@ -144,6 +147,8 @@ class IntrinsicDelta(WeightDifference):
         return projected if self.scale is None else self.scale * projected
 
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x, base_out, backend)
         # λ · (x P(θ)ᵀ): λ's gradient then needs the layer's output, not a second dense matrix
         dtype = base_out.dtype
         out = backend.project_input(x, self.projection().to(dtype))

@@ -39,7 +39,8 @@ pairs beside the shared base:
   example i's weight gradient is B·g_iᵀx_i summed over positions (B the batch size) — ∇ℓᵢ
   exactly when the batch loss is the mean of the examples' losses (labelled tasks); the
   language-modelling loss averages over tokens, which scales every example of a batch alike.
-  Until calibrated, the k entries of largest |W| train.
+  Until calibrated, the k entries of largest |W| train. The forward computes x δᵀ from the k_l
+  entries alone, O(positions · k_l) per layer, never forming a dense δ.
 
 Both cover every weight matrix but the output head's by default: the linear layers and the token
 embedding (biases, norms and position embeddings, about 1% of a transformer, stay frozen). δ is stored as values and flat indices in (out, in)
@@ -129,16 +130,33 @@ class WeightDifference(Delta):
         """δ as (out, in), in the delta's dtype."""
         raise NotImplementedError
 
+    def difference_inputs(self) -> list[Tensor]:
+        """The tensors δ is computed from (their versions tell when a kept δ is stale)."""
+        return [*self.parameters(), *self.buffers()]
+
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
         dtype = base_out.dtype
-
-        def contribution(inputs: Tensor) -> Tensor:
-            return backend.project_input(inputs, self.difference().to(dtype))
-
         if torch.is_grad_enabled():
+            self._inference_cache = None
+
+            def contribution(inputs: Tensor) -> Tensor:
+                return backend.project_input(inputs, self.difference().to(dtype))
+
             # δ is rebuilt in backward rather than kept, a dense matrix per layer, until then
             return base_out + checkpoint(contribution, x, use_reentrant=False)
-        return base_out + contribution(x)
+        return base_out + backend.project_input(x, self.inference_difference(dtype, base_out.device))
+
+    def inference_difference(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """δ in ``dtype`` for a forward without gradients, built once while the tensors it comes
+        from are unchanged (generation runs every layer once per token); a training-mode
+        Diff Pruning mask is drawn anew every time."""
+        key = (dtype, device, self.training, *((id(t), t._version) for t in self.difference_inputs()))
+        cached = getattr(self, "_inference_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = self.difference().to(dtype)
+        self._inference_cache = None if self.training else (key, value)
+        return value
 
     def merge_update(self, backend: Backend) -> tuple[Tensor, None]:
         return self.difference().detach().float(), None
@@ -406,7 +424,8 @@ class FISHMaskDelta(WeightDifference):
         super().__init__(config, backend, device)
         self.initialized = initialize
         self.needs_calibration = initialize
-        self.register_buffer("index", torch.zeros(0, dtype=torch.long, device=self.device), persistent=False)
+        for name in ("index", "rows", "cols"):  # flat indices, and the (row, column) of each
+            self.register_buffer(name, torch.zeros(0, dtype=torch.long, device=self.device), persistent=False)
         self.values = nn.Parameter(torch.zeros(0, dtype=self.dtype, device=self.device))
         self.group: FisherGroup | None = None
         #: Σ over calibration examples of (∇_W ℓᵢ)², while calibrating
@@ -416,15 +435,33 @@ class FISHMaskDelta(WeightDifference):
     def select(self, flat: Tensor) -> None:
         """Train the entries ``flat`` of W (sorted flat indices), from δ = 0."""
         self.index = flat
+        self.rows, self.cols = flat // self.shape[1], flat % self.shape[1]
         self.values = nn.Parameter(torch.zeros(flat.numel(), dtype=self.dtype, device=flat.device))
 
     def difference(self) -> Tensor:
         flat = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
         return flat.index_put((self.index,), self.values).view(self.shape)
 
+    def sparse_product(self, x: Tensor, dtype: torch.dtype, backend: Backend) -> Tensor:
+        """x δᵀ from the k_l entries alone (O(positions · k_l), no dense δ): each entry (i, j, v)
+        adds v·x_j to output i; for token ids, a table of δ's columns for the batch's ids."""
+        values = self.values.to(dtype)
+        if backend.takes_activations:
+            gathered = x.index_select(-1, self.cols) * values
+            return gathered.new_zeros((*x.shape[:-1], self.shape[0])).index_add(-1, self.rows, gathered)
+        present, position = torch.unique(x, return_inverse=True)
+        hit = torch.isin(self.cols, present)
+        table = values.new_zeros((present.numel(), self.shape[0]))
+        table = table.index_put((torch.searchsorted(present, self.cols[hit]), self.rows[hit]), values[hit])
+        return F.embedding(position, table)
+
     def forward(self, x: Tensor, base_out: Tensor, backend: Backend) -> Tensor:
         if not self.calibrating:
-            return super().forward(x, base_out, backend)
+            dtype = base_out.dtype
+            if torch.is_grad_enabled():
+                # the (positions × k_l) gathered inputs are rebuilt in backward, not kept until then
+                return base_out + checkpoint(self.sparse_product, x, dtype, backend, use_reentrant=False)
+            return base_out + self.sparse_product(x, dtype, backend)
         # a zero that requires grad: the backward reaches this layer even though nothing before
         # it trains, and hands over the gradient at its output
         out = base_out + torch.zeros((), dtype=base_out.dtype, device=base_out.device, requires_grad=True)
