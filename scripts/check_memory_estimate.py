@@ -101,7 +101,7 @@ def largest_batch(steps: int, batch_size: int) -> tuple[int, int]:
 def measured_run(steps: int, batch_size: int, output: Path, reuse: bool, env: dict[str, str]) -> dict:
     summary = output / "summary.json"
     if not (reuse and summary.is_file()):
-        command = [sys.executable, "-m", "deltatune", "train", "--precision", "fp32", "--max-steps", str(steps), "--batch-size", str(batch_size),
+        command = [sys.executable, "-m", "deltatune", "train", "--precision", "fp32", "--no-packing", "--max-steps", str(steps), "--batch-size", str(batch_size),
                    "--eval-limit", "1", "--max-new-tokens", "4", "--no-progress", "--overwrite", "-o", str(output)]
         print("$ " + " ".join([*(f"{k}={v}" for k, v in env.items()), "deltatune", *command[3:]]), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},

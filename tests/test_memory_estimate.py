@@ -141,7 +141,7 @@ def test_estimate_within_fifteen_percent_of_a_measured_cpu_run(tmp_path):
 
     from deltatune.models import bundled_model_dir
 
-    subprocess.run([sys.executable, "-m", "deltatune", "train", "--precision", "fp32", "--max-steps", "3", "--batch-size", "8",
+    subprocess.run([sys.executable, "-m", "deltatune", "train", "--precision", "fp32", "--no-packing", "--max-steps", "3", "--batch-size", "8",
                     "--eval-limit", "1", "--max-new-tokens", "2", "--no-progress", "-o", str(tmp_path)],
                    check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     measured = json.loads((tmp_path / "summary.json").read_text())["training_peak_memory_mib"] * 2**20
@@ -149,3 +149,24 @@ def test_estimate_within_fifteen_percent_of_a_measured_cpu_run(tmp_path):
     estimate = estimate_memory(bundled_model_dir(), "lora", dtype="fp32", batch_size=8, seq_len=seq_len,
                                head_positions=positions, device="cpu")
     assert estimate.total == pytest.approx(measured, rel=0.15), str(estimate)
+
+
+def test_packed_batches_price_their_tokens_and_advice_prices_what_train_would_run(monkeypatch):
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128)
+    model = meta_model_from_config(config, "bf16").requires_grad_(True)
+    e = 6 * 32 + 2 * 16 + 4 * 64
+    packed = estimate_training_memory(model, batch_size=2, seq_len=8, device="cuda", packed_tokens=11)
+    assert packed["activations: layers (b=2, s=8, packed T=11)"] == 2 * 11 * e * 2  # L·T·e·d_a: T replaces b·s
+    with pytest.raises(ConfigError, match="packed_tokens must be a positive integer"):
+        estimate_training_memory(model, packed_tokens=0)
+
+    import deltatune.precision as precision
+
+    for native, dtype in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        assert advise(5000, config, memory="8GB", device="cpu").dtype == dtype
+    padded = advise(5000, config, memory="8GB", device="cuda", seq_len=512)
+    short = advise(5000, config, memory="8GB", device="cuda", seq_len=512, example_length=100)
+    assert short.packed and not padded.packed and "packed batches" in str(short)
+    assert activations(short.considered[0].estimate) < activations(padded.considered[0].estimate)

@@ -178,3 +178,13 @@ def test_methods_that_add_tokens_per_sequence_train_padded_and_say_why(tiny_dir,
     result = _train(tiny_dir, data_file, tmp_path / "run", "--method", "prompt")
     assert result.exit_code == 0, result.output
     assert "batches: padded (prompt adds its own tokens or attention to every sequence)" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_with_the_losses_of_eager_ones(tiny_dir, data_file, tmp_path):
+    eager = _train(tiny_dir, data_file, tmp_path / "eager", "--precision", "fp32")
+    compiled = _train(tiny_dir, data_file, tmp_path / "compiled", "--precision", "fp32", "--compile")
+    assert eager.exit_code == 0 and compiled.exit_code == 0, eager.output + compiled.output
+    assert "compiled 2 transformer blocks with torch.compile" in compiled.output
+    one, other = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("eager", "compiled"))
+    assert other["train_losses"] == pytest.approx(one["train_losses"], rel=1e-4)

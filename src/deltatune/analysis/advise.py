@@ -8,6 +8,12 @@ full fine-tuning only from about 10B parameters, Lester et al. 2021, so below th
 LoRA (Hu et al. 2021). Then memory decides how: the first of these that fits the budget is the
 advice — as is, with gradient checkpointing, on an NF4 base (QLoRA, Dettmers et al. 2023), both,
 then with smaller batches (same effective batch through gradient accumulation).
+
+The weights' dtype is the one ``deltatune train`` would choose (:mod:`deltatune.precision`: bf16
+on CUDA and on a CPU with native bf16 products, else fp32; the delta stays fp32 beside a bf16
+base). Given the examples' mean length, every option is priced with packed batches (``deltatune
+train``'s default): a micro-batch then holds batch × that many tokens rather than batch × the
+longest sequence.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class Advice:
     considered: tuple[Option, ...]
     full_finetuning: MemoryEstimate
     batch_size: int
+    dtype: str = "fp32"  # the base weights' dtype the options are priced in
+    packed: bool = False  # whether the options are priced with packed batches
 
     def command(self) -> str:
         if self.chosen is None:
@@ -77,7 +85,8 @@ class Advice:
                  f"trains {self.trainable_params:,} of {self.total_params:,} parameters "
                  f"({100 * self.trainable_params / self.total_params:.3f}%); the saved delta is about "
                  f"{human_bytes(4 * self.trainable_params)}"]
-        lines.append(f"memory budget {human_bytes(self.budget)}; considered:")
+        layout = "packed batches" if self.packed else "padded batches"
+        lines.append(f"memory budget {human_bytes(self.budget)}; base weights in {self.dtype}, {layout}; considered:")
         for option in self.considered:
             mark = "fits" if option.fits(self.budget) else "too big"
             lines.append(f"  {option.description:<48} {human_bytes(option.estimate.total):>10}  {mark}")
@@ -120,16 +129,22 @@ def advise(
     dtype: str | None = None,
     batch_size: int = 8,
     seq_len: int = 512,
+    example_length: int | None = None,
 ) -> Advice:
     """Advice for fine-tuning ``model`` (a config, config.json, model directory or hub id; default
-    the bundled SmolLM2-135M) on ``examples`` examples within ``memory`` bytes (or "24GB")."""
+    the bundled SmolLM2-135M) on ``examples`` examples within ``memory`` bytes (or "24GB"), of
+    ``seq_len`` tokens at most and ``example_length`` on average (given: priced packed)."""
+    from .. import precision
     from ..api import attach, count_parameters
     from ..config import config as make_config
     from ..models import bundled_model_dir
 
     check_positive_int("examples", examples, "how many training examples there are")
     budget = parse_bytes(memory) if isinstance(memory, str) else int(memory)
-    dtype = dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = dtype or ("bf16" if device == "cuda" else precision.resolve("auto", "cpu"))
+    if example_length is not None:
+        check_positive_int("example_length", example_length, "the examples' mean length in tokens")
+        example_length = min(example_length, seq_len)
     source = model if model is not None else bundled_model_dir()
 
     full = meta_model_from_config(source, dtype)
@@ -145,7 +160,8 @@ def advise(
         parts = [f"{method}, batch {batch}"] + (["gradient checkpointing"] if checkpointing else []) + (
             [f"{quantize} base"] if quantize else [])
         estimate = estimate_training_memory(model_with_delta, batch_size=batch, seq_len=seq_len, device=device,
-                                            gradient_checkpointing=checkpointing, quantize=quantize)
+                                            gradient_checkpointing=checkpointing, quantize=quantize,
+                                            packed_tokens=None if example_length is None else batch * example_length)
         return Option(", ".join(parts), checkpointing, quantize, batch, estimate)
 
     considered = [option(False, None, batch_size), option(True, None, batch_size), option(False, "nf4", batch_size),
@@ -155,4 +171,5 @@ def advise(
         considered.append(option(True, "nf4", batch))
         batch //= 2
     chosen = next((o for o in considered if o.fits(budget)), None)
-    return Advice(method, reason, trainable, total, budget, chosen, tuple(considered), full_estimate, batch_size)
+    return Advice(method, reason, trainable, total, budget, chosen, tuple(considered), full_estimate, batch_size,
+                  dtype=dtype, packed=example_length is not None)

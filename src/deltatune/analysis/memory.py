@@ -29,7 +29,9 @@ answer's positions need logits, as in deltatune's trainer).
   whose 5·a·s/h term is the eager attention's. The head adds its logits
   (d_a bytes) and the fp32 log-probabilities cross-entropy keeps (4 bytes) per position.
   With gradient checkpointing each layer keeps only its input, b·L·s·h·d_a, and one layer's
-  activations are rebuilt at a time in backward, b·s·(e·d_a + m).
+  activations are rebuilt at a time in backward, b·s·(e·d_a + m). A packed batch
+  (``train/packing.py``) holds T tokens instead of b·s (its examples' own tokens, a prompt
+  prefix they share once per row, no padding), in rows of at most s: every b·s above becomes T.
 * **allocator retention** (CPU, glibc): the activations once more. glibc's malloc raises its
   mmap threshold to the size of each large block freed (up to 32 MiB; mallopt(3),
   M_MMAP_THRESHOLD), so after the first step activations come from the heap, and a step's freed
@@ -61,7 +63,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import check_choice
+from ..config import check_choice, check_positive_int
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -224,6 +226,7 @@ def estimate_training_memory(
     head_positions: int | None = None,
     device: str = "cpu",
     allocator_retention: bool | None = None,
+    packed_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Training memory of ``model`` as built (its parameters' dtypes and which ones train),
     for ``batch_size`` sequences of ``seq_len`` tokens; the formula of every line is in the module
@@ -232,7 +235,8 @@ def estimate_training_memory(
     ``attention`` (default: the model config's) is sdpa, flash_attention_2 or eager;
     ``head_positions`` (default ``seq_len``) are the positions the output head runs on;
     ``device`` (cpu or cuda) chooses the overhead line; ``allocator_retention`` (default: on CPU
-    under glibc without ``MALLOC_MMAP_THRESHOLD_``) adds the heap's retained activations."""
+    under glibc without ``MALLOC_MMAP_THRESHOLD_``) adds the heap's retained activations;
+    ``packed_tokens`` (default: none, padded batches) is the tokens a packed micro-batch holds."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_choice("device", device, ("cpu", "cuda"))
     shape = _Shape.of(model)
@@ -270,16 +274,20 @@ def estimate_training_memory(
 
     act = DTYPES[activation_dtype].itemsize if activation_dtype else weight_size
     b, s, L, h = batch_size, seq_len, shape.layers, shape.hidden
+    if packed_tokens is not None:
+        check_positive_int("packed_tokens", packed_tokens, "the tokens of a packed micro-batch")
+    tokens = b * s if packed_tokens is None else packed_tokens
+    bs = "b·s" if packed_tokens is None else "T"
     elements, masks = shape.per_token_elements(s, attention)
-    layer_bytes = b * s * (elements * act + masks)
+    layer_bytes = tokens * (elements * act + masks)
     positions = head_positions if head_positions is not None else s
     head_bytes = b * positions * shape.vocab * (act + 4)
     if gradient_checkpointing:
-        layers_line = b * L * s * h * act + layer_bytes
-        layers_formula = "b·L·s·h·d_a (layer inputs) + one layer's b·s·(e·d_a + m)"
+        layers_line = L * tokens * h * act + layer_bytes
+        layers_formula = f"L·{bs}·h·d_a (layer inputs) + one layer's {bs}·(e·d_a + m)"
     else:
         layers_line = L * layer_bytes
-        layers_formula = f"b·L·s·(e·d_a + m), e = {elements}" + (" (eager: + a·s)" if attention == "eager" else "")
+        layers_formula = f"L·{bs}·(e·d_a + m), e = {elements}" + (" (eager: + a·s)" if attention == "eager" else "")
     overhead = CPU_RUNTIME_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     if allocator_retention is None:
         allocator_retention = (device == "cpu" and sys.platform.startswith("linux")
@@ -289,7 +297,8 @@ def estimate_training_memory(
         ("model weights", frozen_bytes + trainable_bytes, "P_f·d" + (f" ({quantize} linear layers)" if quantize else "") + " + P_t·d_t"),
         ("gradients", trainable_bytes, "P_t·d_t"),
         (f"optimizer states ({optimizer})", states, state_formula),
-        (f"activations: layers (b={b}, s={s}{', checkpointed' if gradient_checkpointing else ''})", layers_line, layers_formula),
+        (f"activations: layers (b={b}, s={s}{f', packed T={tokens}' if packed_tokens is not None else ''}"
+         f"{', checkpointed' if gradient_checkpointing else ''})", layers_line, layers_formula),
         ("activations: logits", head_bytes, f"b·H·V·(d_a + 4), H = {positions}"),
         *(retention if allocator_retention else []),
         (f"framework overhead ({device})", overhead,

@@ -149,13 +149,14 @@ def advise_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF model id, directory or config.json (default: bundled SmolLM2-135M); only its config is read"),
     memory: str = typer.Option("24GB", help="memory available: 24GB, 16GiB, 800MB"),
     device: str = typer.Option("cuda", help="cuda | cpu: which overhead to count (and bf16 vs fp32 by default)"),
-    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: bf16 on cuda, fp32 on cpu)"),
+    dtype: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 (default: what deltatune train chooses: bf16 on cuda and on a CPU with native bf16, else fp32)"),
     batch_size: int = typer.Option(8),
-    seq_len: int = typer.Option(512, help="tokens per example"),
+    seq_len: int = typer.Option(512, help="tokens per example, at most"),
+    example_length: Optional[int] = typer.Option(None, help="tokens per example on average: prices packed batches (deltatune train's default)"),
 ):
     """Which method for N examples, and how to fit it in the memory you have: the rule of thumb
     by data size, then the memory estimate of each way to run it, and what it costs."""
     from ..analysis.advise import advise
 
     console.print(str(advise(examples, model, memory=memory, device=device, dtype=dtype, batch_size=batch_size,
-                             seq_len=seq_len)), highlight=False)
+                             seq_len=seq_len, example_length=example_length)), highlight=False)

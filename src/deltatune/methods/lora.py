@@ -219,7 +219,8 @@ class LoRADelta(Delta):
                 or (self.dropout is not None and self.training)):
             return None
         product = backend.fusable_product()
-        if product is None or torch.is_autocast_enabled(x.device.type):
+        # under torch.compile the unfused products are traced and fused by the compiler itself
+        if product is None or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             return None
         weight, bias = product
         return LowRankLinear.apply(x, weight, bias, *self.factors(), self.scale)

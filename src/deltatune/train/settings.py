@@ -64,6 +64,7 @@ class TrainSettings:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deltatune.precision)
     attention: str = "auto"  # auto (the fastest measured) | model | eager | sdpa (train/attention_choice.py)
     packing: bool = True  # pack language-modelling batches where exact (train/packing.py)
+    compile: bool = False  # torch.compile the transformer blocks (train/compiled.py)
     max_new_tokens: int = 24
     eval_limit: int | None = None
     samples: int = 3

@@ -59,6 +59,7 @@ from ..precision import resolve as resolve_precision
 from ..quant import prepare_for_kbit_training, quantized_storage
 from ..report import summary
 from .attention_choice import choose_attention
+from .compiled import compile_blocks
 from .data import batch_indices
 from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
 from .optim import OptimizerFallbackWarning, make_optimizer
@@ -243,6 +244,8 @@ class Trainer:
         if layout:
             log(f"batches: {layout}")
             collate = objective.collator(tokenizer)
+        if s.compile:
+            log(f"compiled {compile_blocks(model)} transformer blocks with torch.compile (the first steps wait for it)")
 
         params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
