@@ -92,13 +92,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="stop each epoch after this many steps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None, help="a model directory instead of the bundled SmolLM2-135M")
     parser.add_argument("--precision", default="auto", choices=precision.PRECISIONS,
                         help="deltatune's precision (default auto, as `deltatune train`)")
     args = parser.parse_args()
     device = torch.device(args.device)
     from peft import LoraConfig, get_peft_model
 
-    base, tokenizer = load_model_and_tokenizer(None)
+    base, tokenizer = load_model_and_tokenizer(args.model)
     base.to(device)
     features = tokenize_examples(tokenizer, load_examples(demo_data_path("train")), MAX_LENGTH)
     batches = batch_indices([len(f["input_ids"]) for f in features], BATCH, seed=0)[: args.steps]

@@ -18,6 +18,11 @@ the results are bitwise those of the unfused path. In bf16/fp16, where the unfus
 roundings are not worth keeping, the low-rank products accumulate inside the matrix products
 (``addmm_``) and the scale is applied to the small (tokens × r) factors, which saves two more
 passes over (tokens × out) tensors.
+
+LoRA uses it on CPU, where a training step is bound by memory traffic. On CUDA a step of a
+small model waits on the CPU instead, and this Python-level autograd function costs more there
+than the native operations it replaces (measured on an H200: 225 ms per demo step fused against
+181 ms unfused), so LoRA runs unfused on other devices.
 """
 
 from __future__ import annotations

@@ -218,9 +218,13 @@ class LoRADelta(Delta):
         if (self.magnitude is not None or self.delta_bias is not None or self.pissa
                 or (self.dropout is not None and self.training)):
             return None
+        # on CPU the fused step saves passes over memory; on CUDA a step of this size waits on the
+        # CPU, where one Python autograd function costs more than the native ops it replaces
+        # (H200, bench/train_speed.py); under torch.compile the compiler fuses the products itself
+        if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return None
         product = backend.fusable_product()
-        # under torch.compile the unfused products are traced and fused by the compiler itself
-        if product is None or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        if product is None:
             return None
         weight, bias = product
         return LowRankLinear.apply(x, weight, bias, *self.factors(), self.scale)

@@ -215,6 +215,8 @@ class Trainer:
             log(f"quantized base: {quantized_storage(model)}")
 
         names, task_deltas = attach_for_tasks(model, s, tasks, log, delta_config)
+        if not s.quantize:  # set-up measures and checks on the training device (a quantized load is placed already)
+            model.to(accelerator.device)
         self.names = names
         if main:
             check_output_dir(self.output_dir, resume=True, needed_bytes=_bytes_to_write(model, names, s.keep_checkpoints))
