@@ -21,9 +21,8 @@ records are used verbatim. Every completion ends with the end-of-turn token (or 
 tuned model learns to stop.
 
 Batching pads to the longest sequence in the batch; :func:`batch_indices` can group
-examples of similar length to waste less compute on padding. Packing several examples into
-one sequence is deliberately not offered: doing it without letting examples attend to each
-other needs per-example attention masks that not every attention backend supports.
+examples of similar length to waste less compute on padding. ``deltatune train`` packs its
+batches instead where the model computes them exactly (:mod:`.packing`).
 """
 
 from __future__ import annotations
