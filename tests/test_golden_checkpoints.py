@@ -33,9 +33,15 @@ def test_every_golden_method_is_still_a_method_variant():
     assert MANIFEST["methods"] == golden_methods()
 
 
-def _tensors(path: Path) -> dict[str, tuple]:
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
-        return {k: (f.get_tensor(k).dtype, tuple(f.get_tensor(k).shape), f.get_tensor(k).numpy().tobytes()) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+#: the checkpoints were recorded on a CPU without AMX; another CPU's fp32 matrix kernels round
+#: differently in the last bits (6e-8 apart on an AMX CPU; 1e-5 for P-tuning's and reparameterized
+#: prefix tuning's tensors, folded through their encoders), so equal means equal to fp32 rounding
+SAME_LOGITS = dict(atol=2e-5, rtol=1e-5)
 
 
 def _config_without_hash(path: Path) -> dict:
@@ -49,13 +55,16 @@ def test_a_golden_checkpoint_loads_to_its_logits(method):
     model = tiny_model(ARCH).eval()
     assert dt.load(model, ROOT / method / "delta") == ["default"]
     expected = load_file(ROOT / method / "logits.safetensors")["logits"]
-    torch.testing.assert_close(logits(model, tiny_inputs(ARCH, model)), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits(model, tiny_inputs(ARCH, model)), expected, **SAME_LOGITS)
 
 
 @pytest.mark.parametrize("method", MANIFEST["methods"])
 def test_todays_code_saves_the_golden_checkpoint(method, tmp_path):
     written = saved(method, tmp_path / "delta")
-    torch.testing.assert_close(written, load_file(ROOT / method / "logits.safetensors")["logits"], atol=0, rtol=0)
-    assert _tensors(tmp_path / "delta" / "delta.safetensors") == _tensors(ROOT / method / "delta" / "delta.safetensors")
+    torch.testing.assert_close(written, load_file(ROOT / method / "logits.safetensors")["logits"], **SAME_LOGITS)
+    got, golden = _tensors(tmp_path / "delta" / "delta.safetensors"), _tensors(ROOT / method / "delta" / "delta.safetensors")
+    assert set(got) == set(golden)
+    for key, tensor in golden.items():  # names, dtypes, shapes exactly; values to fp32 rounding
+        torch.testing.assert_close(got[key], tensor, **SAME_LOGITS)
     assert _config_without_hash(tmp_path / "delta" / "delta_config.json") == \
         _config_without_hash(ROOT / method / "delta" / "delta_config.json")

@@ -215,7 +215,8 @@ class LoRADelta(Delta):
         # plain LoRA on a frozen dense layer; dropout in training needs the undropped input for the
         # base product, autocast its own casts; PiSSA's B A x - B0 A0 x cancels exactly at init
         # only as two separate products
-        if (self.magnitude is not None or self.delta_bias is not None or self.pissa
+        if (type(self).forward is not LoRADelta.forward  # a subclass (UniPELT's gated LoRA) computes otherwise
+                or self.magnitude is not None or self.delta_bias is not None or self.pissa
                 or (self.dropout is not None and self.training)):
             return None
         # on CPU the fused step saves passes over memory; on CUDA a step of this size waits on the
