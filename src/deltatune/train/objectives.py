@@ -39,7 +39,7 @@ from .labelled import (
     tokenize_labelled,
 )
 
-from .packing import PREFIX, PackedCollator, packed_model_inputs, packing_blocker
+from .packing import PackedCollator, packed_model_inputs, packing_blocker, shared_prefix_length
 from .settings import TrainSettings
 from .tasks import TaskDeltas, data_files, hold_out, split_data, task_names
 
@@ -181,8 +181,7 @@ class LanguageModeling:
         blocker = self._packing_blocker(model, tokenizer, features, tasks, packed, device)
         if blocker is None:
             self.packed = packed
-            example = packed([features[i] for i in range(min(len(features), self.settings.batch_size))])
-            prefix = int((example["segment_ids"][0] == PREFIX).sum())
+            prefix = shared_prefix_length(features[: self.settings.batch_size])
             self.packing_note = "packed" + (f", a shared prompt prefix of {prefix} tokens computed once per row"
                                             if prefix else "")
         else:

@@ -130,11 +130,15 @@ def sliding_window(model: nn.Module) -> int | None:
 
 def packed_model_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keyword arguments a causal LM takes for a packed batch."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        dtype = torch.float32
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": attention_bias(batch["segment_ids"], batch["position_ids"], dtype, sliding_window(model))}
+            "attention_mask": attention_bias(batch["segment_ids"], batch["position_ids"], compute_dtype(model),
+                                             sliding_window(model))}
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype ``model`` computes in: its first float parameter's (fp32 for any other)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
 def packing_blocker(model: nn.Module, features: Sequence[dict[str, list[int]]], collate: PackedCollator,
@@ -160,8 +164,7 @@ def packing_blocker(model: nn.Module, features: Sequence[dict[str, list[int]]], 
         return f"the model does not take a per-token attention mask and positions ({type(exc).__name__}: {str(exc)[:100]})"
     finally:
         model.train(was_training)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    tolerance = 1e-4 if compute_dtype(model) == torch.float32 else 2e-2
     if not abs(got - expected) <= tolerance * max(1.0, abs(expected)):
         return f"the model computes packed examples differently (loss {got:.4f} packed, {expected:.4f} padded)"
     return None

@@ -90,7 +90,7 @@ class TrainResult:
     baseline: dict[str, Any] = field(default_factory=dict)  # an encoder task's floor (majority class)
     precision: str = "fp32"  # what the run computed in (settings.precision resolved on its device)
     attention: str = "model"  # the attention implementation it trained with
-    packing: str = ""  # how its language-modelling batches were laid out ("on, ..." or "off: why")
+    packing: str = ""  # how its language-modelling batches were laid out ("packed, ..." or "padded (why)")
 
 
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
