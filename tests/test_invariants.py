@@ -25,10 +25,12 @@ import cases_lora
 import cases_prefix
 import cases_prompt
 import cases_scaling
+import cases_side
 import cases_sparse
 import cases_structured
 
-FAMILIES = [cases_lora, cases_adapters, cases_scaling, cases_structured, cases_sparse, cases_prefix, cases_prompt]
+FAMILIES = [cases_lora, cases_adapters, cases_scaling, cases_structured, cases_sparse, cases_prefix, cases_prompt,
+            cases_side]
 METHODS = {name: make for family in FAMILIES for name, make in family.CASES.items()}
 IDENTITY_TOL = {k: v for family in FAMILIES for k, v in getattr(family, "IDENTITY_TOL", {}).items()}
 MERGE_TOL = {k: v for family in FAMILIES for k, v in getattr(family, "MERGE_TOL", {}).items()}

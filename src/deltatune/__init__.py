@@ -22,7 +22,7 @@ _DEFINED_IN = {
     **dict.fromkeys(["estimate_memory"], "analysis.memory"),
     **dict.fromkeys(["amplification_factor", "subspace_similarity"], "analysis.subspace"),
     **dict.fromkeys([
-        "activate", "active_block", "adapter_drop", "attach", "calibrate", "count_parameters", "deactivate",
+        "activate", "active_block", "adapter_drop", "attach", "calibrate", "consistency_weight", "count_parameters", "deactivate",
         "delete", "deltas", "detach", "disabled", "fold", "merge", "merge_and_detach", "route",
         "trainable_parameters", "training_penalty", "unmerge",
     ], "api"),

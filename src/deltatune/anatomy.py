@@ -196,7 +196,7 @@ class Anatomy:
         return "\n".join(lines)
 
 
-def _is_block_stack(module: nn.Module) -> bool:
+def is_block_stack(module: nn.Module) -> bool:
     """Whether ``module`` is a list of repeated transformer blocks.
 
     The elements must be composite modules (so a Sequential of bare layers is not
@@ -300,7 +300,7 @@ def analyze(model: nn.Module) -> Anatomy:
     for path, module in modules:
         inside_stack = any(path.startswith(stack + ".") for stack in stacks)
         # The root is never a stack: its blocks would have no dotted path to address them by.
-        if path and not inside_stack and _is_block_stack(module):
+        if path and not inside_stack and is_block_stack(module):
             stacks.append(path)
             num_layers[path] = len(module)
             for index, (name, _) in enumerate(module.named_children()):

@@ -389,7 +389,9 @@ def _check_mergeable(model: nn.Module, names: list[str]) -> None:
     infos = deltas(model)
     for name in names:
         if not infos[name].config.supports_merge:
-            raise ConfigError(f"delta {name!r} uses method {infos[name].config.method!r}, which cannot be merged")
+            why = infos[name].config.merge_refusal
+            raise ConfigError(f"delta {name!r} uses method {infos[name].config.method!r}, which cannot be merged"
+                              + (f": {why}" if why else ""))
     owners: dict[int, list[str]] = {}
     for path, module in iter_modules(model):
         for param_name, param in module.named_parameters(recurse=False):
@@ -581,6 +583,17 @@ def training_penalty(model: nn.Module, names: str | Iterable[str] | None = None)
     terms = [term for layer in delta_layers(model).values() for name, delta in layer.deltas.items()
              if name in chosen and (term := delta.training_penalty()) is not None]
     return torch.stack([t.float() for t in terms]).sum() if terms else 0.0
+
+
+def consistency_weight(model: nn.Module, names: str | Iterable[str] | None = None) -> float:
+    """The largest :attr:`~deltatune.layer.Delta.consistency_weight` among the named deltas (the
+    active ones by default): above 0, a training step runs each batch twice and adds that weight
+    times the symmetric KL divergence between the two passes' predictions; 0.0 when none asks."""
+    infos = deltas(model)
+    chosen = set(chosen_names(model, names, [n for n, i in infos.items() if i.active]))
+    weights = [float(delta.consistency_weight) for layer in delta_layers(model).values()
+               for name, delta in layer.deltas.items() if name in chosen]
+    return max(weights, default=0.0)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

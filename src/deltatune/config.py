@@ -94,6 +94,8 @@ class DeltaConfig:
     default_targets: ClassVar[tuple[str, ...]] = ()
     #: capabilities, checked when the config is attached
     supports_merge: ClassVar[bool] = False
+    #: why a method that cannot merge cannot, for the refusal (None: the error names the method only)
+    merge_refusal: ClassVar[str | None] = None
     supports_mixed_batch: ClassVar[bool] = False
     #: why the method cannot train on a quantized (4-bit / 8-bit) layer; None when it can
     quantized_base_blocker: ClassVar[str | None] = None

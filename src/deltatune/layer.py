@@ -141,6 +141,12 @@ class Delta(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after every optimizer step (e.g. iterative pruning)."""
 
+    #: above 0: the trainer runs each training batch through the model twice (this delta's
+    #: random choices differ between the passes) and adds this weight times the symmetric KL
+    #: divergence between the two passes' predictions (AdaMix's consistency loss); see
+    #: :func:`deltatune.consistency_weight`
+    consistency_weight = 0.0
+
     def training_penalty(self) -> Tensor | None:
         """A term the trainer adds to the training loss (e.g. Diff Pruning's expected L0
         norm times its weight), or None (default)."""

@@ -59,6 +59,34 @@ def _keeps_logits_subset(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def symmetric_kl(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """½ (KL(p₁ ‖ p₂) + KL(p₂ ‖ p₁)) between the softmax distributions of two logit tensors of one
+    shape, averaged over every position (every leading index); in fp32."""
+    p = F.log_softmax(first.float().flatten(0, -2), dim=-1)
+    q = F.log_softmax(second.float().flatten(0, -2), dim=-1)
+    return 0.5 * (F.kl_div(q, p, log_target=True, reduction="batchmean")   # KL(p ‖ q)
+                  + F.kl_div(p, q, log_target=True, reduction="batchmean"))  # KL(q ‖ p)
+
+
+def two_pass_loss(objective: Any, model: nn.Module, plain_model: nn.Module, batch: Mapping[str, torch.Tensor],
+                  weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For deltas with a ``consistency_weight`` (AdaMix): the batch's loss from two forward passes,
+    whose random choices differ, as (the mean of the two losses, ``weight`` · the symmetric KL
+    divergence between the two passes' predictions). ``plain_model`` is ``model`` without a
+    distributed wrapper; its output logits are read by a forward hook."""
+    logits: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        logits.append(output.logits if hasattr(output, "logits") else output[0])
+
+    hook = plain_model.register_forward_hook(record)
+    try:
+        losses = [objective.loss(model, batch) for _ in range(2)]
+    finally:
+        hook.remove()
+    return (losses[0] + losses[1]) / 2, weight * symmetric_kl(logits[0], logits[1])
+
+
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: bool) -> torch.Tensor:
     """Mean cross-entropy over label tokens.
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..analysis.memory import peak_memory_bytes, reset_peak_memory
-from ..api import after_optimizer_step, calibrate, trainable_parameters, training_penalty
+from ..api import after_optimizer_step, calibrate, consistency_weight, trainable_parameters, training_penalty
 from ..errors import ConfigError, Interrupted
 from ..io import save as save_delta
 from ..layer import delta_layers
@@ -61,7 +61,7 @@ from ..report import summary
 from .attention_choice import choose_attention
 from .compiled import compile_blocks
 from .data import batch_indices
-from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
+from .objectives import Evaluation, LabelledTask, LanguageModeling, describe, two_pass_loss
 from .optim import OptimizerFallbackWarning, make_optimizer
 from .settings import TrainSettings, resumed_settings
 from .tasks import TaskDeltas, attach_for_tasks, task_names
@@ -299,6 +299,7 @@ class Trainer:
         reset_peak_memory(accelerator.device)
         train_started = time.perf_counter()
         smoothed = None
+        consistency = consistency_weight(plain_model, self.names)
         model.train()
         try:
             while run.step < run.total_steps:
@@ -307,8 +308,11 @@ class Trainer:
                     chosen = [run.train_features[i] for i in next(stream)]
                     batch = {k: v.to(accelerator.device) for k, v in run.collate(chosen).items()}
                     with accelerator.autocast(), run.task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
-                        loss = run.objective.loss(model, batch)
-                    accelerator.backward((loss + training_penalty(plain_model, self.names)) / s.grad_accum)
+                        if consistency:
+                            loss, agreement = two_pass_loss(run.objective, model, plain_model, batch, consistency)
+                        else:
+                            loss, agreement = run.objective.loss(model, batch), 0.0
+                    accelerator.backward((loss + agreement + training_penalty(plain_model, self.names)) / s.grad_accum)
                     run.tokens_seen += sum(len(f["input_ids"]) for f in chosen)
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
                     step_loss += loss.item() / s.grad_accum
