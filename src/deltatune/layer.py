@@ -141,6 +141,9 @@ class Delta(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after every optimizer step (e.g. iterative pruning)."""
 
+    #: with ``acts_on == "call"``: why the trainer does not pack its batches (it pads them), as
+    #: the end of a sentence that starts with the method's name
+    unpacked_because = "adds its own tokens or attention to every sequence"
     #: above 0: the trainer runs each training batch through the model twice (this delta's
     #: random choices differ between the passes) and adds this weight times the symmetric KL
     #: divergence between the two passes' predictions (AdaMix's consistency loss); see
@@ -155,6 +158,13 @@ class Delta(nn.Module):
     #: under :func:`deltatune.task_route`: the task of each sample of the batch (a delta that
     #: routes tasks itself, e.g. a hypernetwork's); None otherwise
     per_sample_tasks: list[str | None] | None = None
+
+    def backward_activations(self, seq_len: int, attention: str) -> int | None:
+        """For a delta that runs the module it wraps without autograd (a side network): the
+        activation elements per token its own backward keeps, which replace the wrapped layers'
+        in :func:`deltatune.analysis.memory.estimate_training_memory` (``attention``: sdpa or
+        eager, whose scores add ``heads · seq_len``); None (default): the layers keep theirs."""
+        return None
 
     def fold(self) -> bool:
         """Replace a training-time reparameterisation (prefix tuning's MLP, P-tuning's

@@ -32,6 +32,10 @@ answer's positions need logits, as in deltatune's trainer).
   activations are rebuilt at a time in backward, b·s·(e·d_a + m). A packed batch
   (``train/packing.py``) holds T tokens instead of b·s (its examples' own tokens, a prompt
   prefix they share once per row, no padding), in rows of at most s: every b·s above becomes T.
+  A delta that runs the backbone without autograd (Ladder Side-Tuning) replaces the layers'
+  line by its own elements per token (its ``backward_activations`` hook): for LST, per kept
+  block the same e at the side network's sizes, plus per ladder the backbone state its
+  down-projection reads (h) and the gate's two products (2·h/r).
 * **allocator retention** (CPU, glibc): the activations once more. glibc's malloc raises its
   mmap threshold to the size of each large block freed (up to 32 MiB; mallopt(3),
   M_MMAP_THRESHOLD), so after the first step activations come from the heap, and a step's freed
@@ -179,7 +183,7 @@ class _Shape:
 
     @classmethod
     def of(cls, model: nn.Module) -> "_Shape":
-        from ..anatomy import analyze, linear_shape
+        from ..anatomy import analyze, iter_modules, linear_shape
 
         config = getattr(model, "config", None)
         config = getattr(config, "text_config", None) or config
@@ -188,7 +192,7 @@ class _Shape:
         heads = _first(config, "num_attention_heads", "n_head", "num_heads", default=1)
         head_dim = _first(config, "head_dim", default=None) or hidden // max(heads, 1)
         kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=heads)
-        modules = dict(model.named_modules())
+        modules = dict(iter_modules(model))  # anatomy's paths, seen through delta wrappers (a prompt's body)
         up = anatomy.paths_with_role("ffn.up")
         ffn = linear_shape(modules[up[0]])[1] if up else _first(config, "intermediate_size", "ffn_dim", "n_inner", "d_ff", default=4 * hidden)
         layers = sum(anatomy.num_layers.values()) or _first(config, "num_hidden_layers", "n_layer", "num_layers", default=0)
@@ -288,6 +292,10 @@ def estimate_training_memory(
     else:
         layers_line = L * layer_bytes
         layers_formula = f"L·{bs}·(e·d_a + m), e = {elements}" + (" (eager: + a·s)" if attention == "eager" else "")
+    side = _side_activations(model, s, attention)
+    if side is not None:  # the backbone runs without autograd: only the side network's backward counts
+        layers_line = tokens * side * act
+        layers_formula = f"{bs}·e_side·d_a, e_side = {side}: a side network's, the backbone keeps none"
     overhead = CPU_RUNTIME_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     if allocator_retention is None:
         allocator_retention = (device == "cpu" and sys.platform.startswith("linux")
@@ -304,6 +312,16 @@ def estimate_training_memory(
         (f"framework overhead ({device})", overhead,
          "idle process: Python, torch, transformers" if device == "cpu" else "CUDA context and kernels"),
     ))
+
+
+def _side_activations(model: nn.Module, seq_len: int, attention: str) -> int | None:
+    """Elements per token kept by deltas that run the backbone without autograd (their
+    ``backward_activations`` hook), or None when no active one does."""
+    from ..layer import delta_layers
+
+    counts = [count for layer in delta_layers(model).values() for name in layer.active
+              if (count := layer.deltas[name].backward_activations(seq_len, attention)) is not None]
+    return sum(counts) if counts else None
 
 
 def meta_model_from_config(config, dtype: str = "fp32") -> nn.Module:

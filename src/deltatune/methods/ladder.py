@@ -322,6 +322,7 @@ class LSTDelta(Delta):
     """The side network of one model: side blocks, ladders D₀..D_L, gates α, the up-projection U."""
 
     acts_on = "call"
+    unpacked_because = "runs a side network with a KV cache of its own, which packing's shared prefix cache has not"
 
     def __init__(self, config: LSTConfig, stack: str, blocks: nn.Module, plan: PruningPlan,
                  dtype: torch.dtype, device):
@@ -332,6 +333,9 @@ class LSTDelta(Delta):
         self.kept = [i for i in range(len(blocks)) if i not in config.drop_layers]
         width, side_width = plan.width, plan.side_width
         self.side = nn.ModuleDict({str(i): plan.pruned_block(blocks[i], i) for i in self.kept})
+        #: role -> path of each kept side block's projections, for the memory estimate
+        self._projections = {i: roles_to_names(plan.roles, i) for i in self.kept}
+        self._head_dim = plan.head_dim
         ladders = [0, *(i + 1 for i in self.kept)]  # D₀ reads h₀, D_{i+1} reads block i's output
         self.down = nn.ModuleDict({str(i): nn.Linear(width, side_width, bias=False) for i in ladders})
         self.up = nn.Linear(side_width, width, bias=False)
@@ -413,6 +417,23 @@ class LSTDelta(Delta):
             raise ConfigError(f"lst's side network holds {seen} cached tokens but the backbone's cache holds {past}: "
                               "a cache filled without this delta cannot be continued with it")
         return side
+
+    def backward_activations(self, seq_len: int, attention: str) -> int:
+        """Per token: each kept side block's activations (the backbone's formula at the side's
+        sizes, :mod:`deltatune.analysis.memory`), each ladder's input h and the gate's two
+        products, and D₀'s input; the up-projection's input once."""
+        width, side_width = self.up.out_features, self.up.in_features
+        elements = width + side_width
+        for i in self.kept:
+            block = self.side[str(i)]
+            sizes = {role: block.get_submodule(path).out_features for role, path in self._projections[i].items()}
+            mlp = (4 if "ffn.gate" in sizes else 2) * sizes["ffn.up"]
+            elements += (2 * side_width + side_width + sizes["attn.q"] + 2 * sizes["attn.k"] + sizes["attn.q"]
+                         + side_width + mlp)
+            if attention == "eager":
+                elements += sizes["attn.q"] // self._head_dim * seq_len
+            elements += width + 2 * side_width
+        return elements + side_width
 
     def extra_repr(self) -> str:
         return f"side blocks={len(self.side)}, width={self.up.in_features}, temperature={self.temperature}"

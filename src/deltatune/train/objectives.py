@@ -222,10 +222,11 @@ class LanguageModeling:
         if tasks.names:
             return "several tasks: each sample is routed to its task's delta by batch row"
         configs = deltas(model)
-        calling = sorted({configs[name].config.method for layer in delta_layers(model).values()
+        calling = sorted({f"{configs[name].config.method} {delta.unpacked_because}"
+                          for layer in delta_layers(model).values()
                           for name, delta in layer.deltas.items() if delta.acts_on == "call"})
         if calling:
-            return f"{', '.join(calling)} adds its own tokens or attention to every sequence"
+            return "; ".join(calling)
         return packing_blocker(model, features, packed, tokenizer.pad_token_id, self.loss, device)
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
