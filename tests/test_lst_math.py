@@ -199,3 +199,22 @@ def test_bad_options_are_named():
         dt.LSTConfig(reduction=0)
     with pytest.raises(dt.ConfigError, match="drop_layers holds 5, but the model has 2 blocks"):
         dt.attach(tiny_model("llama"), dt.LSTConfig(drop_layers=[5]))
+
+
+def test_memory_estimate_prices_the_side_network_instead_of_the_backbone():
+    from deltatune.analysis.memory import estimate_training_memory
+
+    def layers_line(model):
+        estimate = estimate_training_memory(model, batch_size=2, seq_len=8, attention="sdpa", allocator_retention=False)
+        return next(value for name, value, _ in estimate.lines if name.startswith("activations: layers"))
+
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=2))
+    backbone = layers_line(model)
+    dt.detach(model)
+    dt.attach(model, dt.LSTConfig(reduction=4))
+    delta = lst_of(model)
+    h, hs, q, kv, f = 32, 8, 16, 8, 16  # the tiny Llama's sizes at 1/4: one of two kv heads with its two query heads
+    per_block = 2 * hs + hs + q + 2 * kv + q + hs + 4 * f + h + 2 * hs
+    assert delta.backward_activations(8, "sdpa") == h + hs + 2 * per_block + hs
+    assert layers_line(model) == 2 * 8 * delta.backward_activations(8, "sdpa") * 4 < backbone

@@ -340,16 +340,21 @@ class LSTDelta(Delta):
         self.down = nn.ModuleDict({str(i): nn.Linear(width, side_width, bias=False) for i in ladders})
         self.up = nn.Linear(side_width, width, bias=False)
         self.alpha = nn.Parameter(torch.zeros(len(self.kept)))  # one gate per kept side block
-        with torch.no_grad():
-            selection = torch.zeros(side_width, width)
-            selection[torch.arange(side_width), plan.residual.cpu()] = 1.0
-            for down in self.down.values():
-                down.weight.copy_(selection)
-            self.up.weight.zero_()
+        if plan.residual.device.type != "meta":  # a dry run on a model without weights has shapes only
+            self._start_as_selection(plan.residual)
         self.to(device=device, dtype=dtype)
         self.requires_grad_(True)
         #: the backbone's KV cache -> the side network's, during generation
         self._side_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @torch.no_grad()
+    def _start_as_selection(self, residual: Tensor) -> None:
+        """Dᵢ picks the kept residual dimensions; U = 0."""
+        selection = torch.zeros(self.up.in_features, self.up.out_features)
+        selection[torch.arange(len(residual)), residual.cpu()] = 1.0
+        for down in self.down.values():
+            down.weight.copy_(selection)
+        self.up.weight.zero_()
 
     def gates(self) -> Tensor:
         return gate(self.alpha, self.temperature)
