@@ -107,12 +107,13 @@ class Plan:
         adapts (fine-tuning them outright would be smaller), else None."""
         linear = [m for m in self.modules if m.shape[0] and m.shape[1]]
         adapted = sum(m.shape[0] * m.shape[1] for m in linear)
-        if not linear or self.delta_params <= adapted:
+        held = sum(m.params for m in linear)  # a container's delta (a side network) is no layer's
+        if not linear or held <= adapted:
             return None
         full_rank = max(min(m.shape) for m in linear)
         return (
-            f"the {self.config.method} delta would hold {self.delta_params:,} values "
-            f"({self.delta_params * 4 / 2**30:.1f} GiB in fp32, before gradients and optimizer state), more than "
+            f"the {self.config.method} delta would hold {held:,} values "
+            f"({held * 4 / 2**30:.1f} GiB in fp32, before gradients and optimizer state), more than "
             f"the {adapted:,} weights of the {len(linear)} layers it adapts: fine-tuning those layers outright "
             f"would train less. A low-rank delta's rank is above what the layers can use: their full rank "
             f"(min(in, out)) is at most {full_rank}"
