@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..anatomy import analyze, is_block_stack
+from ..anatomy import is_block_stack
 from ..backends import backend_for, layer_backend
 from ..config import DeltaConfig, PARAM_DTYPES, check_choice, check_number, param_dtype, register
 from ..errors import ConfigError, TargetError
