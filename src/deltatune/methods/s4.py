@@ -97,6 +97,10 @@ def group_bounds(grouping: str, num_layers: int) -> list[range]:
     return [range(start, end) for start, end in zip(starts, ends)]
 
 
+class EmptyDesign(TargetError):
+    """A design that adapts nothing on a model (its tuned groups hold no block there)."""
+
+
 class PartsDelta(Delta):
     """Several output deltas of one projection, run in order: h ↦ pₖ(x, … p₁(x, h))."""
 
@@ -211,7 +215,7 @@ class S4Config(DeltaConfig):
         queries = [p for p in paths if anatomy.role_of.get(p) in ATTENTION_ROLES and p in anatomy.layer_of]
         prefixed = [a for a in attention_modules(queries, anatomy) if self.letters_at(a, None, anatomy)]
         if not projections and not prefixed:
-            raise TargetError(
+            raise EmptyDesign(
                 f"S4 design {list(self.strategies)} with grouping {self.grouping!r} adapts nothing in the selected "
                 "blocks (are its tuned groups empty on this model's few blocks?)"
             )
