@@ -32,11 +32,11 @@ def test_the_stages_follow_the_paper_and_build_on_the_best_so_far():
     assert stage == "allocation" and {d["grouping"] for d in allocation} == {"spindle"}
     assert [d["allocation"] for d in allocation] == ["uniform", "increasing", "decreasing"]
     stage, tuned = next(plan)
-    assert stage == "tuned groups" and [d["strategies"] for d in tuned][1] == ["-", "A+P+B+L", "A+P+B+L", "A+P+B+L"]
+    assert stage == "tuned groups" and [d["strategies"] for d in tuned][1] == ["-", "A+P", "A+P+B", "P+B+L"]
     stage, g1 = next(plan)
-    # one method removed at a time from A+P+B+L (the current design comes first)
-    assert stage == "strategy G1" and [d["strategies"][0] for d in g1] == ["A+P+B+L", "P+B+L", "A+B+L", "A+P+L", "A+P+B"]
-    assert design_key(g1[1]) == "spindle-uniform-PBL_APBL_APBL_APBL"
+    # one method toggled at a time in the paper's G1 (A+L); the current design comes first
+    assert stage == "strategy G1" and [d["strategies"][0] for d in g1] == ["A+L", "L", "A+P+L", "A+B+L", "A"]
+    assert design_key(g1[1]) == "spindle-uniform-L_AP_APB_PBL"
 
 
 def test_search_reports_the_picked_design_resumes_and_the_design_trains(tiny_dir, data_file, tmp_path):
@@ -44,7 +44,7 @@ def test_search_reports_the_picked_design_resumes_and_the_design_trains(tiny_dir
     out = tmp_path / "search"
     first = search(tiny_dir, data_file, out, "--trials", 3)
     assert first.exit_code == 0, first.output
-    assert "trial 1, grouping: spindle-uniform-APBL_APBL_APBL_APBL, 2 steps" in first.output
+    assert "trial 1, grouping: spindle-uniform-AL_AP_APB_PBL, 2 steps" in first.output
     assert "trial cap stopped the search" in first.output
     record = json.loads((out / "trials.json").read_text())
     assert len(record["trials"]) == 3 and record["settings"]["max_steps"] == 2

@@ -7,8 +7,9 @@ strategy from {Adapter, Prefix, BitFit, LoRA}. This search does the same greedil
 and dataset, with every trial a short ``deltatune train --method s4`` run of the same budget
 (steps, batch, seed, data order; the same runs as ``deltatune compare``'s):
 
-1. grouping: each of :data:`~deltatune.methods.s4.GROUPINGS`, from a start where every group
-   uses all four methods and the allocation is uniform;
+1. grouping: each of :data:`~deltatune.methods.s4.GROUPINGS`, starting from the paper's S4
+   design (spindle, uniform, G1: A+L, G2: A+P, G3: A+P+B, G4: P+B+L); the start must give the
+   groups different strategies, or every grouping would build the same delta;
 2. allocation: each of :data:`~deltatune.methods.s4.ALLOCATIONS`;
 3. tuned groups: all of them, or all but one;
 4. strategy, group by group (G1…G4): the current set with one method added or removed.
@@ -35,12 +36,13 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import ConfigError
-from ..methods.s4 import ALLOCATIONS, GROUPINGS, METHODS, NOT_TUNED, EmptyDesign, S4Config, strategy_letters
+from ..methods.s4 import (ALLOCATIONS, GROUPINGS, METHODS, NOT_TUNED, PAPER_STRATEGIES, EmptyDesign, S4Config,
+                          strategy_letters)
 from ..outputs import write_text_atomically
 from .compare import MethodRun, TrainingComparison, finished_run, load_pyplot
 
-#: every group with all four methods: the unrestricted design the paper's search starts from
-START = {"grouping": "uniform", "allocation": "uniform", "strategies": ["A+P+B+L"] * 4}
+#: the paper's S4 design: each stage re-decides one of its components on the user's data
+START = {"grouping": "spindle", "allocation": "uniform", "strategies": list(PAPER_STRATEGIES)}
 #: the design fields a stage changes; the rest of the S4 options stay as the user gave them
 DESIGN_FIELDS = ("grouping", "allocation", "strategies")
 RECORD = "trials.json"

@@ -1,6 +1,6 @@
 """One module per method family; importing this package registers them all."""
 
 from . import (  # noqa: F401
-    adapters, compacter, far, fusion, hybrids, hyper, ia3, intrinsic, krona, lora, prefix, prompt, s4, selective,
+    adapters, compacter, far, fusion, hybrids, hyper, ia3, intrinsic, ipt, krona, lora, prefix, prompt, s4, selective,
     sparse_adapter, sparse_diff,
 )
