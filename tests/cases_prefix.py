@@ -10,9 +10,14 @@ CASES = {
     "llama_adapter": lambda: dt.LlamaAdapterConfig(adapter_len=3),
     "mam": lambda: dt.MAMConfig(num_virtual_tokens=2, bottleneck=4),
     "unipelt": lambda: dt.UniPELTConfig(r=2, num_virtual_tokens=2, bottleneck=4),
+    # S4 on the zoo's two blocks per stack: spindle grouping puts block 0 in G2 and block 1 in G3
+    "s4": lambda: dt.S4Config(strategies=("-", "A+L+B", "P+B+L", "-"), r=2, bottleneck=4, num_virtual_tokens=2),
+    "s4-without-prefix": lambda: dt.S4Config(grouping="uniform", strategies=("A", "B+L", "A+L", "L"), r=2, bottleneck=4),
 }
 # prefix tuning starts from random prefixes (the paper's init); LLaMA-Adapter's gate is zero
-NOT_IDENTITY = {"prefix", "prefix-reparameterized", "mam", "unipelt"}
+NOT_IDENTITY = {"prefix", "prefix-reparameterized", "mam", "unipelt", "s4"}
+# S4's adapters start near the identity (Houlsby's init, see cases_adapters.py)
+IDENTITY_TOL = {"s4-without-prefix": dict(atol=5e-2, rtol=1e-2)}
 
 
 def _attaches(arch: str) -> bool:
@@ -38,5 +43,6 @@ UNSUPPORTED = {
     "prefix-reparameterized": _OWN_ATTENTION,
     "mam": _OWN_ATTENTION,
     "unipelt": _OWN_ATTENTION,
+    "s4": _OWN_ATTENTION,
     "llama_adapter": _OWN_ATTENTION | {"falcon", "gpt2", "gpt_neox", "bert", "roberta", "distilbert", "t5", "bart"},
 }

@@ -170,6 +170,7 @@ METHOD_FLAGS = {
     "prefix": ("--set", "num_virtual_tokens=4"), "llama_adapter": ("--set", "adapter_len=2"),
     "mam": ("--set", "num_virtual_tokens=2"), "prompt": ("--set", "num_virtual_tokens=4"),
     "ptuning": ("--set", "num_virtual_tokens=4"), "unipelt": ("--set", "num_virtual_tokens=2"),
+    "s4": ("--set", "num_virtual_tokens=2", "--r", 2),
 }
 
 

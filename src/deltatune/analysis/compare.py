@@ -208,7 +208,8 @@ def load_pyplot():
     return plt
 
 
-def _finished(directory: Path, settings: dict[str, Any]) -> bool:
+def finished_run(directory: Path, settings: dict[str, Any]) -> bool:
+    """Whether the run in ``directory`` finished with these settings (so a rerun reuses it)."""
     summary_path = directory / "summary.json"
     if not summary_path.is_file():
         return False
@@ -254,7 +255,7 @@ def compare_training(
             output_dir=str(output / method), samples=0,
         )
         directory = output / method
-        if not fresh and _finished(directory, settings.__dict__):
+        if not fresh and finished_run(directory, settings.__dict__):
             log(f"[{index}/{len(methods)}] {method}: finished earlier, reusing {directory}")
         else:
             log(f"[{index}/{len(methods)}] {method}: {steps} steps of batch {batch_size}, lr {settings.learning_rate:g}")

@@ -4,7 +4,7 @@ and will it fit. Registered on the main app by an import at the bottom of :mod:`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -52,6 +52,56 @@ def compare_command(
     written = comparison.write_report(output_dir)
     console.print(f"report: {written['html']} (also {written['markdown']}, {written['json']}, "
                   f"{written['loss_curves']}, {written['metric_vs_trainable']})", highlight=False)
+
+
+@app.command("search")
+@friendly_errors("search")
+def search_command(
+    model: Optional[str] = ModelOpt,
+    task: Optional[str] = typer.Option(None, help="an encoder task with a head: classify | multilabel | regression | tag (default: language modelling)"),
+    data: Optional[str] = typer.Option(None, help="training data as for `deltatune train` (default: the bundled data of --task, or the date task)"),
+    eval_data: Optional[str] = typer.Option(None, help="held-out file (default: a seeded 10% of --data)"),
+    steps_per_trial: int = typer.Option(20, min=1, help="optimizer steps per trial"),
+    trials: int = typer.Option(12, min=1, help="at most this many designs are trained"),
+    batch_size: int = typer.Option(8, min=1, help="examples per step"),
+    eval_limit: int = typer.Option(20, min=1, help="held-out examples whose generated answer is scored (language modelling)"),
+    max_length: int = typer.Option(256, min=1, help="tokens per example, longer ones are cut"),
+    lr: Optional[float] = typer.Option(None, help="learning rate of every trial (default: S4's)"),
+    seed: int = typer.Option(0),
+    set_: List[str] = typer.Option([], "--set", help="an S4 option every trial shares, key=value (r, alpha, bottleneck, num_virtual_tokens)"),
+    output_dir: Path = typer.Option(Path("runs/search"), "--output-dir", "-o", help="one folder per trial, the record and the report"),
+    fresh: bool = typer.Option(False, "--fresh", help="forget earlier trials in --output-dir and start over"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="a progress bar per trial"),
+):
+    """Search S4's design space (Chen et al. 2023) on your data: grouping, allocation, tuned
+    groups, then each group's methods, a short training run per design. Rerunning the same
+    command continues; the report names the design picked, and best_design.json trains it
+    (deltatune train --config best_design.json)."""
+    from ..analysis.search import search_design
+    from ..config import load_yaml
+    from ..errors import ConfigError
+    from ..outputs import refuse_file
+
+    refuse_file(output_dir, "--output-dir")
+    options = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        options[key.strip()] = load_yaml(value)
+    found = search_design(
+        model=model, task=task, data=data, eval_data=eval_data, steps_per_trial=steps_per_trial, trials=trials,
+        batch_size=batch_size, eval_limit=eval_limit, max_length=max_length, seed=seed, lr=lr, options=options,
+        output_dir=output_dir, fresh=fresh, progress=progress, log=lambda message: console.print(message, highlight=False),
+    )
+    table = Table(*found.HEADER, title=found.budget, title_justify="left")
+    for row in found.rows():
+        table.add_row(*row)
+    console.print(table)
+    written = found.write_report(output_dir)
+    console.print(found.picked_sentence(), highlight=False)
+    console.print(f"report: {written['search']} and {written['html']} (plot {written['plot']}); "
+                  f"train it: deltatune train --config {written['design']}", highlight=False)
 
 
 @analyze_app.command("subspace")

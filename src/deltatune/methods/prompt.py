@@ -233,6 +233,11 @@ class PromptDelta(Delta):
         """P, (n, e)."""
         return self.prompt_embeddings if self.folded else self.encoder()
 
+    def batch_prompts(self, rows: int) -> Tensor:
+        """The prompt of each row of a batch, (rows, n, e): P for every row (a delta whose prompt
+        depends on each sample's task gives each row its own)."""
+        return self.prompts().unsqueeze(0).expand(rows, -1, -1)
+
     @torch.no_grad()
     def fold(self) -> bool:
         """Replace the prompt encoder by the plain prompts it produces now (outputs unchanged)."""
@@ -276,7 +281,7 @@ class PromptDelta(Delta):
         if "input_ids" in kw:
             kw["input_ids"] = None
         batch, length = embeds.shape[:2]
-        prompts = self.prompts().to(device=embeds.device, dtype=embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompts = self.batch_prompts(batch).to(device=embeds.device, dtype=embeds.dtype)
         right = selected is not None and self.slots_right
 
         def place(before: Tensor, tensor: Tensor, after: Tensor, dim: int = 1) -> Tensor:
