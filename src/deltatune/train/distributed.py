@@ -11,13 +11,15 @@ a single process with ``--batch-size batch_size × N`` takes, cut into N contigu
 global batch's loss terms (label tokens), so the gradient the ranks average is the gradient of
 the global batch's mean loss, exactly as one process computes it.
 
-``--fsdp`` shards with FSDP2 (:func:`torch.distributed.fsdp.fully_shard`, per-parameter
-sharding): each block's deltas form one group and the block's frozen base another, so an fp32
-delta beside a bf16 base never meets FSDP's rule of one dtype per group; the root holds the
-rest. 4-bit quantized base weights (bitsandbytes' ``Params4bit``, whose quantization state
-FSDP cannot carry through a shard) stay whole on every rank, already 4 bits per value; the
-rest of the model shards. :func:`gathered_deltas` unshards the deltas on every rank (a
-collective) so that the main process saves them whole.
+``--fsdp`` shards the frozen base with FSDP2 (:func:`torch.distributed.fsdp.fully_shard`), a
+group per block and one at the root, and keeps what trains whole on every rank: the deltas
+are small, the core calls their methods directly (a fused LoRA product, an input transform),
+which FSDP's forward hooks on a sharded delta would not see, and an fp32 delta beside a bf16
+base never meets FSDP's one dtype per group. Their gradients are averaged over the ranks in
+one collective per step (:func:`average_gradients`), so every rank holds the whole trained
+delta and the main process saves it as a single process would. 4-bit quantized base weights
+(bitsandbytes' ``Params4bit``, whose quantization state FSDP cannot carry through a shard) stay
+whole too, already at 4 bits a value; the rest of the base shards.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -129,116 +130,41 @@ def broadcast_from_main(value, accelerator):
 
 # FSDP2 ------------------------------------------------------------------------------------------
 
-def _delta_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """module path of each named delta that holds parameters -> the delta module."""
-    from ..layer import delta_layers
-
-    found = {}
-    for path, layer in delta_layers(model).items():
-        for name in names:
-            delta = layer.deltas[name] if name in layer.deltas else None
-            if delta is not None and next(delta.parameters(), None) is not None:
-                found[f"{path}.deltas.{name}"] = delta
-    return found
+def _kept_whole(model: nn.Module) -> set[nn.Parameter]:
+    """Parameters FSDP leaves unsharded: what trains (small, replicated, its gradients averaged
+    by :func:`average_gradients`) and 4-bit quantized storage whose quantization state lives on
+    the parameter object (bitsandbytes' ``Params4bit``), which a shard would not carry."""
+    return {p for p in model.parameters() if p.requires_grad or getattr(p, "quant_state", None) is not None}
 
 
-def _kept_whole(module: nn.Module) -> set[nn.Parameter]:
-    """Parameters FSDP cannot shard: quantized storage whose quantization state lives on the
-    parameter object (bitsandbytes' 4-bit weights)."""
-    return {p for p in module.parameters() if getattr(p, "quant_state", None) is not None}
-
-
-def shard_model(model: nn.Module, names: Sequence[str]) -> int:
-    """Shard ``model`` with FSDP2 in place: per block, its deltas as one group and its base as
-    another; the deltas outside blocks as one group; the root for the rest. Returns how many
+def shard_model(model: nn.Module) -> int:
+    """Shard ``model``'s frozen base with FSDP2 in place, one group per block and one for the
+    rest at the root; what trains and 4-bit storage stay whole on every rank. Returns how many
     blocks were sharded."""
     from torch.distributed.fsdp import fully_shard
 
     from ..anatomy import analyze
 
-    deltas = _delta_modules(model, names)
-    blocks = [f"{stack}.{index}" for stack in analyze(model).stacks
+    whole = _kept_whole(model)
+    blocks = [model.get_submodule(stack)[index] for stack in analyze(model).stacks
               for index in range(len(model.get_submodule(stack)))]
-    placed: set[str] = set()
     for block in blocks:
-        inside = [module for path, module in deltas.items() if path.startswith(block + ".")]
-        placed.update(path for path in deltas if path.startswith(block + "."))
-        if inside:
-            fully_shard(inside)
-        module = model.get_submodule(block)
-        fully_shard(module, ignored_params=_kept_whole(module) or None)
-    outside = [module for path, module in deltas.items() if path not in placed]
-    if outside:
-        fully_shard(outside)
-    fully_shard(model, ignored_params=_kept_whole(model) or None)
+        fully_shard(block, ignored_params=whole)
+    fully_shard(model, ignored_params=whole)
     return len(blocks)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-@contextmanager
-def gathered_deltas(model: nn.Module) -> Iterator[None]:
-    """Inside, every delta of a sharded ``model`` holds its whole tensors (on every rank: all
-    ranks enter together); outside, they are sharded again. A no-op on an unsharded model."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from ..layer import delta_layers
-
-    groups = [delta for layer in delta_layers(model).values() for delta in layer.deltas.values()
-              if isinstance(delta, FSDPModule)]
-    for group in groups:
-        group.unshard()
-    try:
-        yield
-    finally:
-        for group in groups:
-            group.reshard()
-
-
-def load_whole(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """``module.load_state_dict(tensors)`` for whole tensors, also where the module's own are
-    sharded: each rank keeps its shard of them."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    own = module.state_dict()
-    module.load_state_dict({
-        key: distribute_tensor(value.to(own[key].dtype), own[key].device_mesh, own[key].placements)
-        if isinstance(own.get(key), DTensor) else value
-        for key, value in tensors.items()
-    })
-
-
-def whole_optimizer_state(optimizer) -> dict:
-    """``optimizer.state_dict()`` with sharded states gathered whole (a collective under FSDP:
-    every rank calls it), so that any number of processes resumes from it."""
-    from torch.distributed.tensor import DTensor
-
-    state = optimizer.state_dict()
-    for values in state["state"].values():
-        for key, value in values.items():
-            if isinstance(value, DTensor):
-                values[key] = value.full_tensor()
-    return state
-
-
-def load_whole_optimizer_state(optimizer, state: dict) -> None:
-    """Load a state of :func:`whole_optimizer_state`; where the parameters are sharded, each
-    rank keeps its shard of the states shaped like them."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if not isinstance(param, DTensor):
-                continue
-            values = optimizer.state[param]
-            for key, value in values.items():
-                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.shape:
-                    values[key] = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+def average_gradients(params: Sequence[nn.Parameter], accelerator) -> None:
+    """Average the gradients of replicated parameters over the ranks (what DDP does for a model
+    it wraps; FSDP leaves the parameters it does not shard to the caller), in one collective."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if accelerator.num_processes == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
 
 
 # DeepSpeed -----------------------------------------------------------------------------------

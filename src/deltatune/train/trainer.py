@@ -63,9 +63,8 @@ from ..report import summary
 from .attention_choice import choose_attention
 from .compiled import compile_blocks
 from .data import batch_indices
-from .distributed import (broadcast_from_main, deepspeed_config, distributed_state, gathered_deltas, load_whole,
-                          load_whole_optimizer_state, loss_weight, make_accelerator, mean_over_ranks, rank_share,
-                          shard_model, whole_optimizer_state)
+from .distributed import (average_gradients, broadcast_from_main, deepspeed_config, distributed_state, loss_weight,
+                          make_accelerator, mean_over_ranks, rank_share, shard_model)
 from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
 from .optim import OptimizerFallbackWarning, make_optimizer
 from .settings import TrainSettings, resumed_settings
@@ -271,7 +270,8 @@ class Trainer:
             log(f"compiled {compile_blocks(model)} transformer blocks with torch.compile (the first steps wait for it)")
 
         if s.fsdp:  # before the optimizer: sharding replaces the parameters with sharded ones
-            log(f"FSDP2: sharded {shard_model(model, names)} blocks across {accelerator.num_processes} processes")
+            log(f"FSDP2: the frozen base of {shard_model(model)} blocks and the rest sharded across "
+                f"{accelerator.num_processes} processes; the deltas whole on each")
         params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OptimizerFallbackWarning)
@@ -341,6 +341,8 @@ class Trainer:
                     global_loss = mean_over_ranks(weight * loss.item(), accelerator)
                     smoothed = global_loss if smoothed is None else 0.9 * smoothed + 0.1 * global_loss
                     step_loss += global_loss / s.grad_accum
+                if run.sharded:  # FSDP averages only what it shards; the deltas it keeps whole, here
+                    average_gradients(run.params, accelerator)
                 if s.max_grad_norm:
                     accelerator.clip_grad_norm_(run.params, s.max_grad_norm)
                 optimizer.step()
@@ -359,17 +361,12 @@ class Trainer:
                     loss_now = run.objective.held_out_loss(plain_model, run.tokenizer, run.eval_features)
                     log(f"step {run.step}: held-out loss {loss_now:.4f}")
                     model.train()
-                if s.save_every and run.step % s.save_every == 0:
+                if run.main and s.save_every and run.step % s.save_every == 0:
                     try:
                         self._checkpoint(run)
                     except (OSError, ConfigError) as exc:  # training goes on; the final save still comes
                         log(f"step {run.step}: checkpoint not written ({exc}); training continues")
         except KeyboardInterrupt:
-            if run.main and run.sharded:  # its parts are on every rank, which stop at different points
-                message = (f"interrupted at step {run.step}; a sharded (FSDP) run writes no checkpoint on interruption, "
-                           f"{self.saved or 'and none was written before'}")
-                log(f"\n{message}")
-                raise Interrupted(message) from None
             if run.main:
                 path = self._checkpoint(run)
                 message = f"interrupted at step {run.step}; saved {path}. Continue with the same command plus --resume"
@@ -390,12 +387,11 @@ class Trainer:
         self.phase = "while saving the trained delta"
         accelerator.wait_for_everyone()
         delta_dir = self.output_dir / "delta"
-        with gathered_deltas(run.plain_model):  # every rank, so that the main process saves them whole
-            if run.main:
-                # the trained delta exists from here on: whatever happens next, it is saved first
-                delta_dir = self._save_final(run.plain_model, delta_dir)
-                self.saved = f"the trained delta is saved in {delta_dir}"
-                run.tokenizer.save_pretrained(self.output_dir / "tokenizer")
+        if run.main:
+            # the trained delta exists from here on: whatever happens next, it is saved first
+            delta_dir = self._save_final(run.plain_model, delta_dir)
+            self.saved = f"the trained delta is saved in {delta_dir}"
+            run.tokenizer.save_pretrained(self.output_dir / "tokenizer")
         self.phase = "during the evaluation after training"
         after = self._evaluate(run)
         if run.main:
@@ -414,8 +410,7 @@ class Trainer:
         )
         if run.main:
             self._write_summary(result)
-        accelerator.wait_for_everyone()  # the other ranks leave the group once the main process is done
-        accelerator.end_training()
+        accelerator.wait_for_everyone()  # the other ranks leave once the main process is done
         return result
 
     def _evaluate(self, run: "RunState") -> Evaluation | None:
@@ -463,28 +458,23 @@ class Trainer:
             save_delta(model, rescue, self.names)
             raise ConfigError(f"could not save the delta in {delta_dir} ({exc}); it is safe in {rescue}") from None
 
-    def _checkpoint(self, run: "RunState") -> Path | None:
-        """Write a checkpoint atomically (temp dir, then rename); keep the newest few. Every rank
-        calls it (a sharded delta and optimizer state are gathered from all of them); the main
-        process writes, the others return None."""
+    def _checkpoint(self, run: "RunState") -> Path:
+        """Write a checkpoint atomically (temp dir, then rename); keep the newest few. The main
+        process writes it: every rank holds the whole delta and optimizer state."""
         model, step = run.plain_model, run.step
-        with gathered_deltas(model):
-            optimizer_state = whole_optimizer_state(run.optimizer)
-            if not run.main:
-                return None
-            root = self.output_dir / CHECKPOINTS
-            target = root / f"step-{step:06d}"
-            staging = root / f".tmp-step-{step:06d}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            save_delta(model, staging / "delta", self.names)
-            # the delta directory holds the inference form (folded prompt encoders); resuming needs
-            # the training form, whose parameters the optimizer state belongs to
-            training_form = {
-                name: {path: layer.deltas[name].state_dict() for path, layer in delta_layers(model).items() if name in layer.deltas}
-                for name in self.names
-            }
-        state = {"step": step, "optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(),
+        root = self.output_dir / CHECKPOINTS
+        target = root / f"step-{step:06d}"
+        staging = root / f".tmp-step-{step:06d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_delta(model, staging / "delta", self.names)
+        # the delta directory holds the inference form (folded prompt encoders); resuming needs
+        # the training form, whose parameters the optimizer state belongs to
+        training_form = {
+            name: {path: layer.deltas[name].state_dict() for path, layer in delta_layers(model).items() if name in layer.deltas}
+            for name in self.names
+        }
+        state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "delta": training_form,
                  "settings": json.dumps(resumed_settings(self.settings, run.accelerator.num_processes)),
                  "attention": self.attention}
@@ -539,8 +529,8 @@ class Trainer:
             if set(per_path) != {p for p, layer in layers.items() if name in layer.deltas}:
                 raise ConfigError(f"--resume: {checkpoint} adapts other modules than this run's delta {name!r}")
             for path, tensors in per_path.items():
-                load_whole(layers[path].deltas[name], tensors)
-        load_whole_optimizer_state(optimizer, state["optimizer"])
+                layers[path].deltas[name].load_state_dict(tensors)
+        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         return int(state["step"])
