@@ -154,6 +154,15 @@ def shard_model(model: nn.Module) -> int:
     return len(blocks)
 
 
+def frozen_values(model: nn.Module) -> tuple[int, int]:
+    """(values of the frozen parameters this process holds, their total): a shard's under FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in frozen)
+    return held, sum(p.numel() for p in frozen)
+
+
 def average_gradients(params: Sequence[nn.Parameter], accelerator) -> None:
     """Average the gradients of replicated parameters over the ranks (what DDP does for a model
     it wraps; FSDP leaves the parameters it does not shard to the caller), in one collective."""

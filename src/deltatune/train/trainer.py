@@ -63,8 +63,8 @@ from ..report import summary
 from .attention_choice import choose_attention
 from .compiled import compile_blocks
 from .data import batch_indices
-from .distributed import (average_gradients, broadcast_from_main, deepspeed_config, distributed_state, loss_weight,
-                          make_accelerator, mean_over_ranks, rank_share, shard_model)
+from .distributed import (average_gradients, broadcast_from_main, deepspeed_config, distributed_state,
+                          frozen_values, loss_weight, make_accelerator, mean_over_ranks, rank_share, shard_model)
 from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
 from .optim import OptimizerFallbackWarning, make_optimizer
 from .settings import TrainSettings, resumed_settings
@@ -98,6 +98,7 @@ class TrainResult:
     processes: int = 1  # ranks that trained together
     process_peak_memory_bytes: list[int] = field(default_factory=list)  # each rank's training peak
     main_process: bool = True  # False on the other ranks, whose evaluations are None
+    frozen_values_on_main_process: int = 0  # the base's values this process holds (a shard under FSDP)
 
 
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
@@ -269,9 +270,11 @@ class Trainer:
         if s.compile:
             log(f"compiled {compile_blocks(model)} transformer blocks with torch.compile (the first steps wait for it)")
 
-        if s.fsdp:  # before the optimizer: sharding replaces the parameters with sharded ones
-            log(f"FSDP2: the frozen base of {shard_model(model)} blocks and the rest sharded across "
-                f"{accelerator.num_processes} processes; the deltas whole on each")
+        if s.fsdp:  # before the optimizer is built, as with any change to the parameters
+            blocks = shard_model(model)
+            held, total = frozen_values(model)
+            log(f"FSDP2: the frozen base of {blocks} blocks and the rest sharded across {accelerator.num_processes} "
+                f"processes ({held:,} of its {total:,} values on this one); the deltas whole on each")
         params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OptimizerFallbackWarning)
@@ -407,6 +410,7 @@ class Trainer:
             baseline=run.objective.baseline, precision=run.precision, attention=run.attention,
             packing=run.objective.packing_note, processes=accelerator.num_processes,
             process_peak_memory_bytes=run.process_peaks, main_process=run.main,
+            frozen_values_on_main_process=frozen_values(run.plain_model)[0],
         )
         if run.main:
             self._write_summary(result)
@@ -548,8 +552,11 @@ class Trainer:
             "precision": result.precision,
             "attention": result.attention,
             **({"packing": result.packing} if result.packing else {}),
+            "processes": result.processes,
+            "frozen_values_on_main_process": result.frozen_values_on_main_process,
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
+            "training_peak_memory_mib_per_process": [round(b / 2**20, 1) for b in result.process_peak_memory_bytes],
             "train_losses": [round(loss, 5) for loss in result.train_losses],
             **({"baseline": result.baseline} if result.baseline else {}),
             "parameters": result.summary_line,
