@@ -91,9 +91,10 @@ RUNS = {  # name: (method, precision, quantize, fsdp)
 }
 
 
-def _settings(name: str, c: dict) -> dict:
+def _settings(name: str, c: dict, processes: int = 2) -> dict:
+    """The run's settings; its one-process reference trains plainly, without FSDP."""
     method, precision, quantize, fsdp = RUNS[name]
-    return {**c, "method": method, "precision": precision, "quantize": quantize, "fsdp": fsdp}
+    return {**c, "method": method, "precision": precision, "quantize": quantize, "fsdp": fsdp and processes > 1}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(cli_ddp, tmp_path, tiny
 def test_two_processes_equal_one_process(torchrun_runs, tmp_path, tiny_dir, data_file, name):
     if RUNS[name][2] == "nf4":
         pytest.importorskip("bitsandbytes")
-    reference = _one_process(tmp_path / name, **_settings(name, _common(tiny_dir, data_file)), batch_size=8)
+    reference = _one_process(tmp_path / name, **_settings(name, _common(tiny_dir, data_file), 1), batch_size=8)
     _assert_same(torchrun_runs / name / "delta", reference, FP32_ATOL)
 
 
@@ -146,7 +147,7 @@ def test_fsdp_shards_the_base_and_saves_the_delta_whole(torchrun_runs, tmp_path,
 
     total = sum(p.numel() for p in load_model_and_tokenizer(str(tiny_dir))[0].parameters())
     assert _summary(torchrun_runs / "fsdp")["frozen_values_on_main_process"] < 0.6 * total
-    reference = _one_process(tmp_path / "one", **_settings("fsdp", _common(tiny_dir, data_file)), batch_size=8)
+    reference = _one_process(tmp_path / "one", **_settings("fsdp", _common(tiny_dir, data_file), 1), batch_size=8)
     ids = torch.tensor([[5, 17, 30, 42, 8, 9]])
     logits = []
     for delta in (torchrun_runs / "fsdp" / "delta", reference, None):
@@ -163,7 +164,7 @@ def test_fsdp_on_a_bf16_base(torchrun_runs, tmp_path, tiny_dir, data_file):
     """An fp32 delta beside a bf16 base. bf16 products differ in their last bits with the batch
     shape (4 rows per rank against 8), and AdamW turns a near-zero gradient's sign into a whole
     step, so the deltas agree to one learning-rate step (2e-3 for LoRA) and the losses to 1e-3."""
-    reference = _one_process(tmp_path / "bf16", **_settings("fsdp-bf16", _common(tiny_dir, data_file)), batch_size=8)
+    reference = _one_process(tmp_path / "bf16", **_settings("fsdp-bf16", _common(tiny_dir, data_file), 1), batch_size=8)
     _assert_same(torchrun_runs / "fsdp-bf16" / "delta", reference, atol=2e-3 + 1e-6)
     assert _summary(torchrun_runs / "fsdp-bf16")["train_losses"] == pytest.approx(
         _summary(tmp_path / "bf16")["train_losses"], rel=1e-3)

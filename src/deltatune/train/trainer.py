@@ -144,6 +144,7 @@ class RunState:
     precision: str  # the one resolved for this device (deltatune.precision.resolve)
     attention: str  # the implementation trained with (train/attention_choice.py)
     sharded: bool = False  # FSDP: every rank takes part in each forward, evaluation included
+    frozen_held: int = 0  # the frozen base's values this process holds between steps (a shard under FSDP)
     before: Evaluation | None = None
     step: int = 0
     tokens_seen: int = 0
@@ -270,7 +271,10 @@ class Trainer:
         if s.compile:
             log(f"compiled {compile_blocks(model)} transformer blocks with torch.compile (the first steps wait for it)")
 
-        if s.fsdp:  # before the optimizer is built, as with any change to the parameters
+        sharded = s.fsdp and accelerator.num_processes > 1
+        if s.fsdp and not sharded:
+            log("--fsdp: one process, nothing to shard across; training unsharded")
+        if sharded:  # before the optimizer is built, as with any change to the parameters
             blocks = shard_model(model)
             held, total = frozen_values(model)
             log(f"FSDP2: the frozen base of {blocks} blocks and the rest sharded across {accelerator.num_processes} "
@@ -287,7 +291,7 @@ class Trainer:
         total_steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
         scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=int(s.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
-        if s.fsdp:  # sharded already: accelerate would wrap it in DDP again
+        if sharded:  # sharded already: accelerate would wrap it in DDP again
             optimizer = accelerator.prepare(optimizer)
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
@@ -296,7 +300,8 @@ class Trainer:
             model=model, plain_model=accelerator.unwrap_model(model), tokenizer=tokenizer, task_deltas=task_deltas,
             eval_examples=eval_examples, train_features=train_features, eval_features=eval_features,
             collate=collate, params=params, optimizer=optimizer, optimizer_used=optimizer_used, scheduler=scheduler,
-            total_steps=total_steps, precision=precision, attention=self.attention, sharded=s.fsdp,
+            total_steps=total_steps, precision=precision, attention=self.attention, sharded=sharded,
+            frozen_held=frozen_values(model)[0],
         )
 
         # before the resumed state loads, so that "before" scores what an uninterrupted run's did
@@ -410,7 +415,7 @@ class Trainer:
             baseline=run.objective.baseline, precision=run.precision, attention=run.attention,
             packing=run.objective.packing_note, processes=accelerator.num_processes,
             process_peak_memory_bytes=run.process_peaks, main_process=run.main,
-            frozen_values_on_main_process=frozen_values(run.plain_model)[0],
+            frozen_values_on_main_process=run.frozen_held,
         )
         if run.main:
             self._write_summary(result)
