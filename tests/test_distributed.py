@@ -217,3 +217,40 @@ def test_deepspeed_configurations_are_checked_when_built(tmp_path):
     stage2 = tmp_path / "ds2.json"
     stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
     assert deepspeed_config(str(stage2), batch_size=4, grad_accum=1)["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_the_memory_estimate_per_process_under_each_sharding():
+    """One process's lines of N = 2: DDP replicates (and adds its gradient buckets), FSDP halves
+    the frozen base (plus the blocks it gathers), ZeRO-2 halves gradients and optimizer states,
+    ZeRO-3 the weights too."""
+    from zoo import tiny_model
+
+    import deltatune as dt
+    from deltatune.analysis.memory import estimate_training_memory
+
+    model = tiny_model("llama")
+    dt.attach(model, dt.LoRAConfig(r=4))
+    frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    one = estimate_training_memory(model, batch_size=2, seq_len=16)
+    per = {s: estimate_training_memory(model, batch_size=2, seq_len=16, processes=2, sharding=s)
+           for s in ("ddp", "fsdp", "zero2", "zero3")}
+    assert per["ddp"]["model weights"] == one["model weights"] == frozen + trainable
+    assert per["ddp"]["DDP gradient buckets"] == trainable
+    assert per["fsdp"]["model weights"] == frozen // 2 + trainable
+    # two blocks and the root of a 2-block model are all of it: the shards of the other rank
+    assert per["fsdp"]["gathered weights (2 blocks + root)"] == frozen - frozen // 2
+    assert per["fsdp"]["gradients"] == trainable
+    assert per["zero2"]["gradients"] == trainable // 2
+    assert per["zero2"]["optimizer states (adamw)"] == one["optimizer states (adamw)"] // 2
+    assert per["zero3"]["model weights"] == (frozen + trainable) // 2
+    assert per["fsdp"].total < per["ddp"].total
+
+
+def test_advise_for_several_devices_names_the_launch():
+    from deltatune.analysis.advise import advise
+
+    advice = advise(5000, memory="2GB", device="cpu", dtype="fp32", batch_size=4, seq_len=64,
+                    processes=2, sharding="fsdp")
+    assert "--num-processes 2 --fsdp" in advice.command()
+    assert "per device, 2 devices (fsdp" in str(advice)
