@@ -62,6 +62,24 @@ def _fingerprinted(config: DeltaConfig, paths: Iterable[str]) -> list[str]:
 FORMATS = ("deltatune", "peft")
 
 
+def _refuse_partial(key: str, value: torch.Tensor, delta: nn.Module) -> None:
+    """A tensor that is empty, or one process's shard, where the delta's parameters say it has
+    values (ZeRO-3 and FSDP leave such placeholders and shards on each process) is never written:
+    the file would load as a delta that silently lost what it learned."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        raise CheckpointError(f"refusing to save {key}: it is a sharded tensor ({tuple(value.to_local().shape)} of "
+                              f"{tuple(value.shape)} on this process); gather the delta on every process first")
+    # DeepSpeed ZeRO-3 empties a partitioned parameter and keeps its true size in ds_numel
+    expected = sum(getattr(p, "ds_numel", p.numel()) for p in delta.parameters())
+    if value.device.type == "meta" or (value.numel() == 0 and expected > 0):
+        raise CheckpointError(
+            f"refusing to save {key}: it is {'on the meta device' if value.device.type == 'meta' else 'empty'} "
+            f"(shape {tuple(value.shape)}) while its delta holds {expected:,} values; under ZeRO-3 or FSDP each "
+            "process holds a part, so gather the parameters (or save from where they are whole) before saving")
+
+
 def save(
     model: nn.Module, path: str | Path, names: str | Iterable[str] | None = None, *, format: str = "deltatune"
 ) -> list[Path]:
@@ -98,6 +116,7 @@ def save(
         tensors = {}
         for module_path in info.paths:
             for key, value in layers[module_path].deltas[name].saved_state().items():
+                _refuse_partial(f"{module_path}.{key}", value, layers[module_path].deltas[name])
                 tensors[f"{module_path}.{key}"] = value.detach().contiguous().cpu()
         # tensors first, config last, each whole or not at all; the config names the tensors'
         # digest, so an interrupted save never passes for the old config's delta

@@ -67,11 +67,16 @@ class Advice:
     batch_size: int
     dtype: str = "fp32"  # the base weights' dtype the options are priced in
     packed: bool = False  # whether the options are priced with packed batches
+    processes: int = 1  # devices training together; the budget and estimates are each one's
+    sharding: str = "ddp"  # how they share the work (analysis.memory.SHARDING)
 
     def command(self) -> str:
         if self.chosen is None:
             return ""
         flags = [f"--method {self.method}", f"--batch-size {self.chosen.batch_size}"]
+        if self.processes > 1:
+            flags.append(f"--num-processes {self.processes}")
+            flags += {"ddp": [], "fsdp": ["--fsdp"]}.get(self.sharding, [f"--deepspeed {self.sharding}"])
         if self.chosen.batch_size < self.batch_size:
             flags.append(f"--grad-accum {self.batch_size // self.chosen.batch_size}")
         if self.chosen.gradient_checkpointing:
@@ -86,7 +91,9 @@ class Advice:
                  f"({100 * self.trainable_params / self.total_params:.3f}%); the saved delta is about "
                  f"{human_bytes(4 * self.trainable_params)}"]
         layout = "packed batches" if self.packed else "padded batches"
-        lines.append(f"memory budget {human_bytes(self.budget)}; base weights in {self.dtype}, {layout}; considered:")
+        per = (f" per device, {self.processes} devices ({self.sharding}; batch {self.batch_size} is each one's share)"
+               if self.processes > 1 else "")
+        lines.append(f"memory budget {human_bytes(self.budget)}{per}; base weights in {self.dtype}, {layout}; considered:")
         for option in self.considered:
             mark = "fits" if option.fits(self.budget) else "too big"
             lines.append(f"  {option.description:<48} {human_bytes(option.estimate.total):>10}  {mark}")
@@ -130,10 +137,14 @@ def advise(
     batch_size: int = 8,
     seq_len: int = 512,
     example_length: int | None = None,
+    processes: int = 1,
+    sharding: str = "ddp",
 ) -> Advice:
     """Advice for fine-tuning ``model`` (a config, config.json, model directory or hub id; default
     the bundled SmolLM2-135M) on ``examples`` examples within ``memory`` bytes (or "24GB"), of
-    ``seq_len`` tokens at most and ``example_length`` on average (given: priced packed)."""
+    ``seq_len`` tokens at most and ``example_length`` on average (given: priced packed), on
+    ``processes`` devices of ``memory`` each that share the work as ``sharding`` says (ddp,
+    fsdp, zero2, zero3; :func:`deltatune.analysis.memory.estimate_training_memory`)."""
     from .. import precision
     from ..api import attach, count_parameters
     from ..config import config as make_config
@@ -151,7 +162,8 @@ def advise(
     _, total = count_parameters(full)
     method, reason = choose_method(examples, total)
     full_estimate = estimate_training_memory(full.requires_grad_(True), batch_size=batch_size, seq_len=seq_len,
-                                             device=device, master_weights=dtype != "fp32")
+                                             device=device, master_weights=dtype != "fp32",
+                                             processes=processes, sharding=sharding)
     model_with_delta = meta_model_from_config(source, dtype).requires_grad_(False)
     attach(model_with_delta, make_config(method))
     trainable, _ = count_parameters(model_with_delta)
@@ -161,7 +173,8 @@ def advise(
             [f"{quantize} base"] if quantize else [])
         estimate = estimate_training_memory(model_with_delta, batch_size=batch, seq_len=seq_len, device=device,
                                             gradient_checkpointing=checkpointing, quantize=quantize,
-                                            packed_tokens=None if example_length is None else batch * example_length)
+                                            packed_tokens=None if example_length is None else batch * example_length,
+                                            processes=processes, sharding=sharding)
         return Option(", ".join(parts), checkpointing, quantize, batch, estimate)
 
     considered = [option(False, None, batch_size), option(True, None, batch_size), option(False, "nf4", batch_size),
@@ -172,4 +185,4 @@ def advise(
         batch //= 2
     chosen = next((o for o in considered if o.fits(budget)), None)
     return Advice(method, reason, trainable, total, budget, chosen, tuple(considered), full_estimate, batch_size,
-                  dtype=dtype, packed=example_length is not None)
+                  dtype=dtype, packed=example_length is not None, processes=processes, sharding=sharding)

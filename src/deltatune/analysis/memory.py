@@ -46,6 +46,18 @@ answer's positions need logits, as in deltatune's trainer).
   measured); on CUDA the CUDA context and kernel images, outside torch's allocator
   (:data:`CUDA_CONTEXT_BYTES`: nvidia-smi counts them, ``torch.cuda.max_memory_allocated`` does not).
 
+* **per device, N processes** (``processes``, ``sharding``): every line is one process's, with
+  b its own share of the batch. Data-parallel (``ddp``) replicates everything and adds DDP's
+  gradient buckets, P_t·d_t (the gradients are copied into them for the all-reduce). ``fsdp``
+  (deltatune's FSDP2: the frozen base sharded, what trains whole) holds P_f·d/N of the base,
+  plus the unsharded weights of the blocks being computed (FSDP2 gathers the next block while
+  one runs: two blocks' P_blk·d) and of the root (embeddings, head, final norm: gathered for
+  the forward and kept until backward), with gradients and optimizer states whole. ZeRO
+  stage 2 (Rajbhandari et al. 2020) partitions gradients and optimizer states, P_t·d_t/N and
+  states/N; stage 3 also the weights, P_f·d/N + P_t·d_t/N, plus the gathered blocks as FSDP.
+  4-bit quantized weights stay whole under ``fsdp`` (their quantization state cannot be
+  sharded).
+
 Not modelled: allocator fragmentation, backward's transient gradient buffers, the extra
 positions of prompt/prefix tuning. ``scripts/check_memory_estimate.py`` compares the estimate
 with the seed documents' OPT-1.3B table and with a measured training run.
@@ -120,6 +132,8 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
+#: how N processes share the work: data-parallel, deltatune's FSDP2, DeepSpeed ZeRO stages 2 and 3
+SHARDING = ("ddp", "fsdp", "zero2", "zero3")
 #: the storage format :func:`weight_memory` prices for each quantization scheme of :func:`deltatune.quantize`
 _QUANT_FORMAT = {"nf4": "nf4+dq", "fp4": "nf4+dq", "int8": "int8"}
 
@@ -231,6 +245,8 @@ def estimate_training_memory(
     device: str = "cpu",
     allocator_retention: bool | None = None,
     packed_tokens: int | None = None,
+    processes: int = 1,
+    sharding: str = "ddp",
 ) -> MemoryEstimate:
     """Training memory of ``model`` as built (its parameters' dtypes and which ones train),
     for ``batch_size`` sequences of ``seq_len`` tokens; the formula of every line is in the module
@@ -240,8 +256,12 @@ def estimate_training_memory(
     ``head_positions`` (default ``seq_len``) are the positions the output head runs on;
     ``device`` (cpu or cuda) chooses the overhead line; ``allocator_retention`` (default: on CPU
     under glibc without ``MALLOC_MMAP_THRESHOLD_``) adds the heap's retained activations;
-    ``packed_tokens`` (default: none, padded batches) is the tokens a packed micro-batch holds."""
+    ``packed_tokens`` (default: none, padded batches) is the tokens a packed micro-batch holds;
+    ``processes`` and ``sharding`` (ddp, fsdp, zero2, zero3) make every line one process's of N
+    (``batch_size`` is then each process's share)."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("sharding", sharding, SHARDING)
+    check_positive_int("processes", processes, "how many processes train together")
     check_choice("device", device, ("cpu", "cuda"))
     shape = _Shape.of(model)
     if attention is not None:
@@ -256,15 +276,18 @@ def estimate_training_memory(
 
         check_scheme(quantize)
         quantized = {id(m.weight): m for _, m in quantizable_layers(model)}
-        frozen_bytes = sum(
-            sum(_quantized_bytes(_QUANT_FORMAT[quantize], *p.shape, p.element_size())) if id(p) in quantized
+        frozen_sizes = {
+            id(p): sum(_quantized_bytes(_QUANT_FORMAT[quantize], *p.shape, p.element_size())) if id(p) in quantized
             else p.numel() * p.element_size()
             for p in frozen
-        )
+        }
     else:
-        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+        quantized = {}
+        frozen_sizes = {id(p): p.numel() * p.element_size() for p in frozen}
+    frozen_bytes = sum(frozen_sizes.values())
     trainable_count = sum(p.numel() for p in trainable)
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    n = processes
 
     if optimizer == "sgd":
         states, state_formula = 0, "SGD keeps no state"
@@ -301,10 +324,27 @@ def estimate_training_memory(
         allocator_retention = (device == "cpu" and sys.platform.startswith("linux")
                                and "MALLOC_MMAP_THRESHOLD_" not in os.environ)
     retention = [("allocator retention (glibc heap)", layers_line + head_bytes, "the activations once more")]
+    weights_formula = "P_f·d" + (f" ({quantize} linear layers)" if quantize else "") + " + P_t·d_t"
+    weights, gradients, gradients_formula = frozen_bytes + trainable_bytes, trainable_bytes, "P_t·d_t"
+    parallel: list[tuple[str, int, str]] = []
+    if n > 1 and sharding == "ddp":
+        parallel.append(("DDP gradient buckets", trainable_bytes, "P_t·d_t: the gradients' copy all-reduced"))
+    if n > 1 and sharding in ("fsdp", "zero3"):
+        whole = sum(frozen_sizes[id(p)] for p in frozen if id(p) in quantized) if sharding == "fsdp" else 0
+        weights = whole + (frozen_bytes - whole) // n + (trainable_bytes if sharding == "fsdp" else trainable_bytes // n)
+        weights_formula = ("P_f·d/N" + (" (4-bit layers whole)" if whole else "") + " + P_t·d_t" if sharding == "fsdp"
+                           else "(P_f·d + P_t·d_t)/N")
+        block, root = _largest_block_and_root_bytes(model, frozen_sizes, quantized if sharding == "fsdp" else {})
+        parallel.append(("gathered weights (2 blocks + root)", (2 * block + root) * (n - 1) // n,
+                         "(2·P_blk + P_root)·d·(N−1)/N: the shards of the others while they compute"))
+    if n > 1 and sharding in ("zero2", "zero3"):
+        gradients, gradients_formula = trainable_bytes // n, "P_t·d_t/N"
+        states, state_formula = states // n, state_formula + ", /N"
     return MemoryEstimate((
-        ("model weights", frozen_bytes + trainable_bytes, "P_f·d" + (f" ({quantize} linear layers)" if quantize else "") + " + P_t·d_t"),
-        ("gradients", trainable_bytes, "P_t·d_t"),
+        ("model weights", weights, weights_formula + (f" (one of {n} processes, {sharding})" if n > 1 else "")),
+        ("gradients", gradients, gradients_formula),
         (f"optimizer states ({optimizer})", states, state_formula),
+        *parallel,
         (f"activations: layers (b={b}, s={s}{f', packed T={tokens}' if packed_tokens is not None else ''}"
          f"{', checkpointed' if gradient_checkpointing else ''})", layers_line, layers_formula),
         ("activations: logits", head_bytes, f"b·H·V·(d_a + 4), H = {positions}"),
@@ -322,6 +362,20 @@ def _side_activations(model: nn.Module, seq_len: int, attention: str) -> int | N
     counts = [count for layer in delta_layers(model).values() for name in layer.active
               if (count := layer.deltas[name].backward_activations(seq_len, attention)) is not None]
     return sum(counts) if counts else None
+def _largest_block_and_root_bytes(model: nn.Module, sizes: dict[int, int], whole: dict) -> tuple[int, int]:
+    """Bytes of the frozen weights of the largest transformer block, and of those outside every
+    block (embeddings, head, final norm), leaving out the parameters in ``whole`` (never sharded)."""
+    from ..anatomy import analyze
+
+    blocks = [model.get_submodule(stack)[i] for stack in analyze(model).stacks for i in range(len(model.get_submodule(stack)))]
+    in_blocks: set[int] = set()
+    largest = 0
+    for block in blocks:
+        ids = {id(p) for p in block.parameters() if id(p) in sizes and id(p) not in whole}
+        in_blocks |= ids
+        largest = max(largest, sum(sizes[i] for i in ids))
+    root = sum(size for i, size in sizes.items() if i not in in_blocks and i not in whole)
+    return largest, root
 
 
 def meta_model_from_config(config, dtype: str = "fp32") -> nn.Module:

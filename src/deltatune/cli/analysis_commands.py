@@ -203,10 +203,13 @@ def advise_command(
     batch_size: int = typer.Option(8),
     seq_len: int = typer.Option(512, help="tokens per example, at most"),
     example_length: Optional[int] = typer.Option(None, help="tokens per example on average: prices packed batches (deltatune train's default)"),
+    processes: int = typer.Option(1, "--processes", min=1, help="devices training together; --memory and --batch-size are each one's"),
+    sharding: str = typer.Option("ddp", help="how they share the work: ddp | fsdp (the frozen base sharded) | zero2 | zero3"),
 ):
     """Which method for N examples, and how to fit it in the memory you have: the rule of thumb
     by data size, then the memory estimate of each way to run it, and what it costs."""
     from ..analysis.advise import advise
 
     console.print(str(advise(examples, model, memory=memory, device=device, dtype=dtype, batch_size=batch_size,
-                             seq_len=seq_len, example_length=example_length)), highlight=False)
+                             seq_len=seq_len, example_length=example_length, processes=processes,
+                             sharding=sharding)), highlight=False)

@@ -107,6 +107,9 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks: faster steps after a long first one (default off: on 2 CPU cores compiling takes minutes)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length for exact-match evaluation"),
     eval_limit: Optional[int] = typer.Option(None, help="evaluate generation on at most N held-out examples"),
+    num_processes: int = typer.Option(1, "--num-processes", min=1, help="train data-parallel on N processes (torchrun on this machine; --batch-size is each one's share of a global batch of N × batch size)"),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--no-fsdp", help="shard the model across the processes with FSDP2 (the deltas are saved whole)"),
+    deepspeed: Optional[str] = typer.Option(None, help="DeepSpeed ZeRO through accelerate: zero2 | zero3 | a DeepSpeed JSON config (needs deepspeed installed)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     r: Optional[int] = ROpt, alpha: Optional[float] = AlphaOpt, dropout: Optional[float] = DropoutOpt,
     targets: Optional[str] = TargetsOpt, exclude: Optional[str] = ExcludeOpt, layers: Optional[str] = LayersOpt,
@@ -130,14 +133,23 @@ def train(
         max_length=max_length, completion_only=completion_only, group_by_length=group_by_length,
         gradient_checkpointing=gradient_checkpointing, quantize=quantize, optim=optim, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, seed=seed, precision=precision, attention=attention, packing=packing, compile=compile, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
+        fsdp=fsdp, deepspeed=deepspeed,
     )
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     if output_dir is None and config is None and not data and not resume:
         # the directory is ours to choose: a new one, so an earlier demo run is never replaced
         flags["output_dir"] = str(unused_directory(Path(f"runs/demo-{task}" if task else "runs/demo")))
     settings = (TrainSettings.from_file(config, **flags) if config else TrainSettings.from_mapping({}, **flags))
+    if num_processes > 1:  # settings checked above, once, before any rank starts
+        from ..train.distributed import launch, without_option
+
+        arguments = without_option(sys.argv[1:], "--num-processes")
+        if output_dir is None and flags.get("output_dir"):  # the demo's new directory, chosen here once
+            arguments += ["--output-dir", flags["output_dir"]]
+        raise typer.Exit(launch(num_processes, arguments))
     result = Trainer(settings, log=lambda m: console.print(m, highlight=False), progress=progress).run()
-    _print_result(result)
+    if result.main_process:
+        _print_result(result)
 
 
 def _one_or_many(values: Optional[List[str]]):

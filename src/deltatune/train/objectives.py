@@ -232,6 +232,11 @@ class LanguageModeling:
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss(model, batch, self.subset)
 
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """How many values the batch's mean loss averages: its predicted label tokens (a row's
+        first token is predicted by nothing)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def evaluate(self, model, tokenizer, examples, features, task_deltas: "TaskDeltas") -> Evaluation:
         return evaluate(model, tokenizer, examples, features, self.settings, task_deltas)
 
@@ -324,6 +329,12 @@ class LabelledTask:
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return task_loss(model, self.head, batch)
+
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """How many values the batch's mean loss averages: its tagged tokens (tag), else its
+        examples (multilabel and regression average over outputs too, the same number per example)."""
+        targets = batch["target"]
+        return int((targets != IGNORE_INDEX).sum()) if self.head.task == "tag" else targets.shape[0]
 
     def evaluate(self, model, tokenizer, examples, features, task_deltas: "TaskDeltas") -> Evaluation:
         s = self.settings

@@ -65,6 +65,8 @@ class TrainSettings:
     attention: str = "auto"  # auto (the fastest measured) | model | eager | sdpa (train/attention_choice.py)
     packing: bool = True  # pack language-modelling batches where exact (train/packing.py)
     compile: bool = False  # torch.compile the transformer blocks (train/compiled.py)
+    fsdp: bool = False  # shard the model across the processes with FSDP2 (train/distributed.py)
+    deepspeed: str | None = None  # zero2 | zero3 | a DeepSpeed JSON config: ZeRO through accelerate
     max_new_tokens: int = 24
     eval_limit: int | None = None
     samples: int = 3
@@ -95,6 +97,15 @@ class TrainSettings:
         if self.task is not None and self.task not in TASKS:
             raise ConfigError(f"task={self.task!r} is not valid; allowed: {', '.join(TASKS)}")
         check_optimizer(self.optim)
+        if self.deepspeed is not None:
+            from .distributed import deepspeed_config
+
+            if self.fsdp:
+                raise ConfigError("fsdp and deepspeed both shard the model; choose one")
+            deepspeed_config(self.deepspeed, batch_size=self.batch_size, grad_accum=self.grad_accum)
+        if self.fsdp and self.precision == "fp16":
+            raise ConfigError("fsdp runs in the model's dtype (fp32 or bf16); precision='fp16' needs a loss "
+                              "scaler FSDP's sharded gradients do not go through here: use bf16 or fp32")
         # fail now, not after the model has loaded, on a bad method or option
         self.delta_config()
 
@@ -136,10 +147,15 @@ class TrainSettings:
 MAY_CHANGE_ON_RESUME = frozenset({
     "epochs", "max_steps", "eval_every", "save_every", "keep_checkpoints", "resume", "overwrite",
     "output_dir", "eval_limit", "max_new_tokens", "samples",
+    # how the work is spread: a checkpoint holds whole tensors, which any layout resumes
+    "fsdp", "deepspeed",
 })
 
 
-def resumed_settings(settings: TrainSettings) -> dict[str, Any]:
-    """The settings a checkpoint must be resumed with, as JSON values."""
+def resumed_settings(settings: TrainSettings, processes: int = 1) -> dict[str, Any]:
+    """The settings a checkpoint must be resumed with, as JSON values. The batch is the global
+    one (``batch_size`` × ``processes``): that is what fixes the data order, so a run of N
+    processes resumes in M with the same global batch."""
     values = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    values["batch_size"] = settings.batch_size * processes
     return {k: v for k, v in values.items() if k not in MAY_CHANGE_ON_RESUME}

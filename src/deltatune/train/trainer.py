@@ -7,8 +7,10 @@ model, deltas, optimizer, the evaluation before training, a resumed state), ``_t
 (the optimizer steps, checkpoints) and ``_finish`` (the trained delta saved first, then the
 evaluation after training and the summary).
 
-Built on accelerate and written for several processes (each takes every n-th batch, only the
-main process evaluates, prints and writes files), though multi-process runs are not tested yet.
+Built on accelerate for one process or several (:mod:`.distributed`: data-parallel, FSDP2,
+DeepSpeed ZeRO): the ranks take their parts of each global batch, the main process prints and
+writes files, and evaluates (under FSDP every rank computes the evaluation, as sharded
+weights need all of them, and the main process reports it).
 
 Nothing is lost: the output directory is checked and held before any work
 (:mod:`deltatune.outputs`); Ctrl-C (or SIGTERM) writes a checkpoint of the delta, the
@@ -61,6 +63,8 @@ from ..report import summary
 from .attention_choice import choose_attention
 from .compiled import compile_blocks
 from .data import batch_indices
+from .distributed import (average_gradients, broadcast_from_main, deepspeed_config, distributed_state,
+                          frozen_values, loss_weight, make_accelerator, mean_over_ranks, rank_share, shard_model)
 from .objectives import Evaluation, LabelledTask, LanguageModeling, describe, two_pass_loss
 from .optim import OptimizerFallbackWarning, make_optimizer
 from .settings import TrainSettings, resumed_settings
@@ -91,15 +95,22 @@ class TrainResult:
     precision: str = "fp32"  # what the run computed in (settings.precision resolved on its device)
     attention: str = "model"  # the attention implementation it trained with
     packing: str = ""  # how its language-modelling batches were laid out ("packed, ..." or "padded (why)")
+    processes: int = 1  # ranks that trained together
+    process_peak_memory_bytes: list[int] = field(default_factory=list)  # each rank's training peak
+    main_process: bool = True  # False on the other ranks, whose evaluations are None
+    frozen_values_on_main_process: int = 0  # the base's values this process holds (a shard under FSDP)
 
 
 def micro_batches(lengths: list[int], settings: TrainSettings, rank: int, world: int) -> Iterator[list[int]]:
-    """Endless, seeded stream of this process's micro-batches; epoch e uses seed + e."""
+    """Endless, seeded stream of this process's micro-batches; epoch e uses seed + e. Each is
+    this rank's part of a global batch of ``batch_size × world`` examples, the batch one process
+    with that batch size takes, so the data order is the same for any number of processes (a
+    last global batch with fewer examples than ranks is left out)."""
     epoch = 0
     while True:
-        batches = batch_indices(lengths, settings.batch_size, seed=settings.seed + epoch,
+        batches = batch_indices(lengths, settings.batch_size * world, seed=settings.seed + epoch,
                                 group_by_length=settings.group_by_length)
-        yield from batches[rank::world]
+        yield from (rank_share(batch, rank, world) for batch in batches if len(batch) >= world)
         epoch += 1
 
 
@@ -132,6 +143,8 @@ class RunState:
     total_steps: int
     precision: str  # the one resolved for this device (deltatune.precision.resolve)
     attention: str  # the implementation trained with (train/attention_choice.py)
+    sharded: bool = False  # FSDP: every rank takes part in each forward, evaluation included
+    frozen_held: int = 0  # the frozen base's values this process holds between steps (a shard under FSDP)
     before: Evaluation | None = None
     step: int = 0
     tokens_seen: int = 0
@@ -139,6 +152,7 @@ class RunState:
     train_seconds: float = 0.0
     run_peak_memory: int = 0
     training_peak_memory: int = 0
+    process_peaks: list[int] = field(default_factory=list)  # each rank's training peak, rank order
 
 
 class Trainer:
@@ -157,20 +171,17 @@ class Trainer:
     def run(self) -> TrainResult:
         """Check the output directory, hold it for this run, train. Ctrl-C or SIGTERM in any
         phase ends the run with a line saying what was saved."""
-        from accelerate import Accelerator
-
         s = self.settings
-        # bf16: the base is stored in bf16 (set-up); fp16 keeps it fp32 under autocast with loss scaling
-        accelerator = Accelerator(mixed_precision="fp16" if s.precision == "fp16" else "no")
-        if not accelerator.is_main_process:
-            return self._run(accelerator)
+        state = distributed_state()  # the Accelerator is built in set-up, once the tasks are known
+        if not state.is_main_process:
+            return self._run()
         check_output_dir(self.output_dir, resume=s.resume, overwrite=s.overwrite)
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             with RunLock(self.output_dir):
                 if s.overwrite and not s.resume:
                     clear_run(self.output_dir)
-                return self._run(accelerator)
+                return self._run()
         except Interrupted:  # the training loop has said which checkpoint it saved
             raise
         except KeyboardInterrupt:
@@ -180,14 +191,14 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
 
-    def _run(self, accelerator) -> TrainResult:
-        run = self._set_up(accelerator)
+    def _run(self) -> TrainResult:
+        run = self._set_up()
         self._train_loop(run)
         return self._finish(run)
 
     # the phases of a run ----------------------------------------------------------------------
 
-    def _set_up(self, accelerator) -> "RunState":
+    def _set_up(self) -> "RunState":
         """Data, model, deltas, optimizer and schedule; the evaluation before training; the
         resumed state, if any."""
         from accelerate.utils import set_seed
@@ -196,9 +207,10 @@ class Trainer:
         s = self.settings
         objective = LabelledTask(s) if s.task is not None else LanguageModeling(s)
         started = time.perf_counter()
-        main = accelerator.is_main_process
-        if accelerator.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(accelerator.device)
+        state = distributed_state()
+        main, device = state.is_main_process, state.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         log = self.log if main else (lambda _msg: None)
         set_seed(s.seed)
 
@@ -206,6 +218,14 @@ class Trainer:
         for note in objective.notes:
             log(f"warning: {note}")
         tasks = task_names(train_examples)
+        # batches routed to several tasks' deltas may leave one unused, which DDP must be told
+        accelerator = make_accelerator(
+            fp16=s.precision == "fp16", find_unused_parameters=len(tasks) > 1,
+            deepspeed=deepspeed_config(s.deepspeed, batch_size=s.batch_size, grad_accum=s.grad_accum) if s.deepspeed else None)
+        if accelerator.num_processes > 1:
+            how = "FSDP2" if s.fsdp else f"DeepSpeed {s.deepspeed}" if s.deepspeed else "data-parallel"
+            log(f"{accelerator.num_processes} processes ({how}, {accelerator.distributed_type.value}), each "
+                f"{s.batch_size} examples of a global batch of {s.batch_size * accelerator.num_processes}")
         delta_config = objective.delta_config(train_examples)
         precision = resolve_precision(s.precision, accelerator.device)
         log(f"loading model {objective.model_name}; {describe_precision(precision, accelerator.device)}")
@@ -236,9 +256,11 @@ class Trainer:
         # a resumed run computes as the run it continues did, whatever a new measurement says
         recorded = self._readable_checkpoint()[1].get("attention") if s.resume else None
         longest = sorted(train_features, key=lambda f: len(f["input_ids"]), reverse=True)[: s.batch_size]
-        self.attention, timings = choose_attention(
-            model, recorded or s.attention, {k: v.to(accelerator.device) for k, v in collate(longest).items()},
-            objective.loss)
+        longest_batch = {k: v.to(accelerator.device) for k, v in collate(longest).items()}
+        self.attention, timings = choose_attention(model, recorded or s.attention, longest_batch, objective.loss)
+        chosen_by_main = broadcast_from_main(self.attention, accelerator)  # the ranks compute alike
+        if chosen_by_main != self.attention:
+            self.attention, _ = choose_attention(model, chosen_by_main, longest_batch, objective.loss)
         if timings:
             measured = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
             log(f"attention: {self.attention} (a step of the longest batch: {measured})")
@@ -249,6 +271,14 @@ class Trainer:
         if s.compile:
             log(f"compiled {compile_blocks(model)} transformer blocks with torch.compile (the first steps wait for it)")
 
+        sharded = s.fsdp and accelerator.num_processes > 1
+        if s.fsdp and not sharded:
+            log("--fsdp: one process, nothing to shard across; training unsharded")
+        if sharded:  # before the optimizer is built, as with any change to the parameters
+            blocks = shard_model(model)
+            held, total = frozen_values(model)
+            log(f"FSDP2: the frozen base of {blocks} blocks and the rest sharded across {accelerator.num_processes} "
+                f"processes ({held:,} of its {total:,} values on this one); the deltas whole on each")
         params = trainable_parameters(model, names)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", OptimizerFallbackWarning)
@@ -261,13 +291,17 @@ class Trainer:
         total_steps = s.max_steps or max(1, math.ceil(s.epochs * steps_per_epoch))
         scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=int(s.warmup_ratio * total_steps),
                                   num_training_steps=total_steps)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if sharded:  # sharded already: accelerate would wrap it in DDP again
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            model, optimizer = accelerator.prepare(model, optimizer)
         run = RunState(
             accelerator=accelerator, objective=objective, log=log, main=main, started=started,
             model=model, plain_model=accelerator.unwrap_model(model), tokenizer=tokenizer, task_deltas=task_deltas,
             eval_examples=eval_examples, train_features=train_features, eval_features=eval_features,
             collate=collate, params=params, optimizer=optimizer, optimizer_used=optimizer_used, scheduler=scheduler,
-            total_steps=total_steps, precision=precision, attention=self.attention,
+            total_steps=total_steps, precision=precision, attention=self.attention, sharded=sharded,
+            frozen_held=frozen_values(model)[0],
         )
 
         # before the resumed state loads, so that "before" scores what an uninterrupted run's did
@@ -276,7 +310,7 @@ class Trainer:
         if main:
             log(describe("before", run.before))
         if s.resume:
-            run.step = self._resume(run.plain_model, optimizer, scheduler)
+            run.step = self._resume(run.plain_model, optimizer, scheduler, accelerator.num_processes)
             log(f"resumed from step {run.step}")
         return run
 
@@ -307,15 +341,20 @@ class Trainer:
                 for _ in range(s.grad_accum):
                     chosen = [run.train_features[i] for i in next(stream)]
                     batch = {k: v.to(accelerator.device) for k, v in run.collate(chosen).items()}
+                    # this rank's share of the global batch's mean loss (distributed.loss_weight)
+                    weight = loss_weight(run.objective.loss_terms(batch), accelerator)
                     with accelerator.autocast(), run.task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
                         if consistency:
                             loss, agreement = two_pass_loss(run.objective, model, plain_model, batch, consistency)
                         else:
                             loss, agreement = run.objective.loss(model, batch), 0.0
-                    accelerator.backward((loss + agreement + training_penalty(plain_model, self.names)) / s.grad_accum)
+                    accelerator.backward((weight * (loss + agreement) + training_penalty(plain_model, self.names)) / s.grad_accum)
                     run.tokens_seen += sum(len(f["input_ids"]) for f in chosen)
-                    smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
-                    step_loss += loss.item() / s.grad_accum
+                    global_loss = mean_over_ranks(weight * loss.item(), accelerator)
+                    smoothed = global_loss if smoothed is None else 0.9 * smoothed + 0.1 * global_loss
+                    step_loss += global_loss / s.grad_accum
+                if run.sharded:  # FSDP averages only what it shards; the deltas it keeps whole, here
+                    average_gradients(run.params, accelerator)
                 if s.max_grad_norm:
                     accelerator.clip_grad_norm_(run.params, s.max_grad_norm)
                 optimizer.step()
@@ -329,18 +368,19 @@ class Trainer:
                     bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                     tok_s=f"{run.tokens_seen * accelerator.num_processes / elapsed:.0f}")
                     bar.update(1)
-                if run.main and s.eval_every and run.step % s.eval_every == 0 and run.step < run.total_steps:
+                if ((run.main or run.sharded) and s.eval_every and run.step % s.eval_every == 0
+                        and run.step < run.total_steps):
                     loss_now = run.objective.held_out_loss(plain_model, run.tokenizer, run.eval_features)
                     log(f"step {run.step}: held-out loss {loss_now:.4f}")
                     model.train()
                 if run.main and s.save_every and run.step % s.save_every == 0:
                     try:
-                        self._checkpoint(plain_model, optimizer, scheduler, run.step)
+                        self._checkpoint(run)
                     except (OSError, ConfigError) as exc:  # training goes on; the final save still comes
                         log(f"step {run.step}: checkpoint not written ({exc}); training continues")
         except KeyboardInterrupt:
             if run.main:
-                path = self._checkpoint(plain_model, optimizer, scheduler, run.step)
+                path = self._checkpoint(run)
                 message = f"interrupted at step {run.step}; saved {path}. Continue with the same command plus --resume"
                 log(f"\n{message}")
                 raise Interrupted(message) from None
@@ -350,6 +390,8 @@ class Trainer:
                 bar.close()
         run.train_seconds = time.perf_counter() - train_started
         run.training_peak_memory = peak_memory_bytes(accelerator.device)
+        run.process_peaks = [int(peak) for peak in accelerator.gather(
+            torch.tensor([run.training_peak_memory], device=accelerator.device)).tolist()]
 
     def _finish(self, run: "RunState") -> TrainResult:
         """Save the trained delta first, then the evaluation after training and the summary."""
@@ -375,15 +417,19 @@ class Trainer:
             train_losses=run.train_losses,
             peak_memory_bytes=max(run.run_peak_memory, peak_memory_bytes(accelerator.device)),
             baseline=run.objective.baseline, precision=run.precision, attention=run.attention,
-            packing=run.objective.packing_note,
+            packing=run.objective.packing_note, processes=accelerator.num_processes,
+            process_peak_memory_bytes=run.process_peaks, main_process=run.main,
+            frozen_values_on_main_process=run.frozen_held,
         )
         if run.main:
             self._write_summary(result)
+        accelerator.wait_for_everyone()  # the other ranks leave once the main process is done
         return result
 
     def _evaluate(self, run: "RunState") -> Evaluation | None:
-        """The held-out evaluation (the main process's; None on the others)."""
-        if not run.main:
+        """The held-out evaluation (the main process's; None on the others, which under FSDP
+        compute it too: each forward needs every rank's shard)."""
+        if not run.main and not run.sharded:
             return None
         return run.objective.evaluate(run.plain_model, run.tokenizer, run.eval_examples, run.eval_features,
                                       run.task_deltas)
@@ -425,8 +471,10 @@ class Trainer:
             save_delta(model, rescue, self.names)
             raise ConfigError(f"could not save the delta in {delta_dir} ({exc}); it is safe in {rescue}") from None
 
-    def _checkpoint(self, model, optimizer, scheduler, step: int) -> Path:
-        """Write a checkpoint atomically (temp dir, then rename); keep the newest few."""
+    def _checkpoint(self, run: "RunState") -> Path:
+        """Write a checkpoint atomically (temp dir, then rename); keep the newest few. The main
+        process writes it: every rank holds the whole delta and optimizer state."""
+        model, step = run.plain_model, run.step
         root = self.output_dir / CHECKPOINTS
         target = root / f"step-{step:06d}"
         staging = root / f".tmp-step-{step:06d}"
@@ -439,9 +487,10 @@ class Trainer:
             name: {path: layer.deltas[name].state_dict() for path, layer in delta_layers(model).items() if name in layer.deltas}
             for name in self.names
         }
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "delta": training_form,
-                 "settings": json.dumps(resumed_settings(self.settings)), "attention": self.attention}
+                 "settings": json.dumps(resumed_settings(self.settings, run.accelerator.num_processes)),
+                 "attention": self.attention}
         write_atomically(staging / STATE_FILE, lambda temporary: torch.save(state, temporary))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -474,10 +523,12 @@ class Trainer:
             self.log(f"--resume: skipping {checkpoint.name}, which cannot be read ({problem})")
         raise ConfigError(f"--resume: none of the checkpoints under {self.output_dir / CHECKPOINTS} can be read")
 
-    def _resume(self, model, optimizer, scheduler) -> int:
+    def _resume(self, model, optimizer, scheduler, processes: int) -> int:
+        """Load the newest checkpoint; written by any number of processes, it resumes with any
+        other whose global batch (batch size × processes) is the same."""
         checkpoint, state = self._readable_checkpoint()
         if "settings" in state:
-            saved, now = json.loads(state["settings"]), resumed_settings(self.settings)
+            saved, now = json.loads(state["settings"]), resumed_settings(self.settings, processes)
             changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
             if changed:
                 raise ConfigError(
@@ -510,8 +561,11 @@ class Trainer:
             "precision": result.precision,
             "attention": result.attention,
             **({"packing": result.packing} if result.packing else {}),
+            "processes": result.processes,
+            "frozen_values_on_main_process": result.frozen_values_on_main_process,
             "peak_memory_mib": round(result.peak_memory_bytes / 2**20, 1),
             "training_peak_memory_mib": round(result.training_peak_memory_bytes / 2**20, 1),
+            "training_peak_memory_mib_per_process": [round(b / 2**20, 1) for b in result.process_peak_memory_bytes],
             "train_losses": [round(loss, 5) for loss in result.train_losses],
             **({"baseline": result.baseline} if result.baseline else {}),
             "parameters": result.summary_line,
