@@ -155,10 +155,11 @@ def _token_rows(tokenizer) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def _plain_trainer(model, tokenizer, output_dir, max_steps=4, save_format="deltatune"):
+def _plain_trainer(model, tokenizer, output_dir, max_steps=4, save_format="deltatune", **arguments):
     args = tf.TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
         logging_steps=1, save_steps=2, report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0, disable_tqdm=True,
+        **arguments,
     )
     return delta_trainer(tf.Trainer)(model=model, args=args, train_dataset=_token_rows(tokenizer),
                                      processing_class=tokenizer, save_format=save_format)
@@ -234,3 +235,43 @@ def test_mistakes_are_named(tiny_dir, tmp_path):
     dt.attach(other, dt.LoRAConfig(r=2), "second")
     with pytest.raises(CheckpointError, match=r"holds the deltas \['default'\], but this model has \['default', 'second'\]"):
         restore(other, tmp_path / "one")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_trains_the_same_deltas(reentrant, tiny_dir, tmp_path):
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir)
+    runs = []
+    for checkpointing in (False, True):
+        model = _lora_model(tiny_dir)
+        trainer = _plain_trainer(model, tokenizer, tmp_path / str(checkpointing), max_steps=2,
+                                 gradient_checkpointing=checkpointing,
+                                 gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        trainer.train()
+        assert model.is_activation_checkpointing == checkpointing
+        runs.append((_losses(trainer), _delta_tensors(model)))
+    (plain_losses, plain_deltas), (checkpointed_losses, checkpointed_deltas) = runs
+    assert checkpointed_losses == pytest.approx(plain_losses, abs=1e-6)
+    for name, value in checkpointed_deltas.items():
+        torch.testing.assert_close(value, plain_deltas[name], rtol=0, atol=1e-6)
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_delta(tiny_dir, tmp_path):
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir)
+    model = _lora_model(tiny_dir)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-2, save_steps=2,
+        eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,  # the eval loss falls, so "best" is the first checkpoint, not the last one trained
+        report_to=[], use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+    )
+    rows = _token_rows(tokenizer)
+    trainer = delta_trainer(tf.Trainer)(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4])
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best == str(tmp_path / "checkpoint-2")
+    saved = dt.io.read_tensors(best)
+    for path_and_name, value in saved.items():
+        module_path, parameter = path_and_name.rsplit(".", 1)
+        assert torch.equal(model.get_submodule(module_path).deltas["default"].get_parameter(parameter), value)
+    last = dt.io.read_tensors(tmp_path / "checkpoint-6")
+    assert not all(torch.equal(last[k], v) for k, v in saved.items())
