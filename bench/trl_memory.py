@@ -17,7 +17,7 @@ the trainer and the training steps: ``VmHWM`` after resetting the mark through
 the trainer keeps (``model`` and ``ref_model``, each parameter counted once). With
 ``--device cuda``, ``torch.cuda.max_memory_allocated`` instead.
 
-Example (about 2 minutes on 2 CPU cores)::
+Example (about 3 minutes of CPU time on 2 cores)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/trl_memory.py --steps 3 --batch 4 --length 96
 """

@@ -64,7 +64,7 @@ def _preferences() -> Dataset:
     return Dataset.from_list([{"prompt": f"{i}+{i}=", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in range(12)])
 
 
-def _trl_run(kind: str, model, tokenizer, output_dir, trainer_class=None):
+def _trl_run(kind: str, model, tokenizer, output_dir, trainer_class=None, **arguments):
     config_class, base_class, data = {
         "sft": (trl.SFTConfig, trl.SFTTrainer, _sums()),
         "dpo": (trl.DPOConfig, trl.DPOTrainer, _preferences()),
@@ -72,7 +72,7 @@ def _trl_run(kind: str, model, tokenizer, output_dir, trainer_class=None):
     args = config_class(
         output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0,
-        disable_tqdm=True,
+        disable_tqdm=True, **arguments,
     )
     trainer = (trainer_class or base_class)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     return trainer
@@ -124,6 +124,19 @@ def test_dpo_reference_is_the_model_itself_with_its_delta_off(tiny_dir, tmp_path
     assert held == {id(p) for p in model.parameters()}
     trainer.train()
     assert len(_losses(trainer)) == STEPS
+
+
+def test_dpo_with_reference_log_probs_computed_before_training(tiny_dir, tmp_path):
+    """TRL's precompute path runs the reference over the data first and caches the result under a
+    hash of the reference's state: the base weights, which the reference's state_dict gives."""
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir)
+    runs = []
+    for precompute in (False, True):
+        trainer = _trl_run("dpo", _lora_model(tiny_dir, perturbed=False), tokenizer, tmp_path / str(precompute),
+                           delta_trainer(trl.DPOTrainer), precompute_ref_log_probs=precompute)
+        trainer.train()
+        runs.append(_losses(trainer))
+    assert runs[1] == pytest.approx(runs[0], abs=1e-5) and len(runs[0]) == STEPS
 
 
 def test_reference_model_computes_the_base_and_leaves_the_model_alone(tiny_dir):
@@ -230,6 +243,9 @@ def test_mistakes_are_named(tiny_dir, tmp_path):
     model = _lora_model(tiny_dir)
     with pytest.raises(ConfigError, match="save_format.*'gguf'.*deltatune.*peft"):
         _plain_trainer(model, tokenizer, tmp_path, save_format="gguf")
+    with pytest.raises(ConfigError, match="peft_config would wrap the model"):
+        delta_trainer(trl.SFTTrainer)(model=model, train_dataset=_sums(), processing_class=tokenizer,
+                                      peft_config=peft.LoraConfig(r=2))
     dt.save(model, tmp_path / "one")
     other = _lora_model(tiny_dir)
     dt.attach(other, dt.LoRAConfig(r=2), "second")

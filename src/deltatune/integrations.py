@@ -97,6 +97,11 @@ class DeltaTrainerMixin:
                 f"{type(self).__name__} trains the deltas of a model: pass model= a model with a delta attached "
                 "(deltatune.attach), not a name or a model without deltas"
             )
+        if call.arguments.get("peft_config") is not None:
+            raise ConfigError(
+                f"{type(self).__name__}: peft_config would wrap the model in a PEFT adapter on top of its deltas; "
+                "leave it out (the deltas attached with deltatune.attach are what trains)"
+            )
         if "ref_model" in call.signature.parameters and call.arguments.get("ref_model") is None:
             call.arguments["ref_model"] = reference_model(model)
         super().__init__(*call.args, **call.kwargs)
