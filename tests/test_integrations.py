@@ -243,6 +243,10 @@ def test_mistakes_are_named(tiny_dir, tmp_path):
     model = _lora_model(tiny_dir)
     with pytest.raises(ConfigError, match="save_format.*'gguf'.*deltatune.*peft"):
         _plain_trainer(model, tokenizer, tmp_path, save_format="gguf")
+    adapter_model = tf.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    dt.attach(adapter_model, dt.HoulsbyConfig())
+    with pytest.raises(CheckpointError, match="'houlsby' has no equivalent in PEFT's format"):
+        _plain_trainer(adapter_model, tokenizer, tmp_path, save_format="peft")  # at once, not at the first save
     with pytest.raises(ConfigError, match="peft_config would wrap the model"):
         delta_trainer(trl.SFTTrainer)(model=model, train_dataset=_sums(), processing_class=tokenizer,
                                       peft_config=peft.LoraConfig(r=2))

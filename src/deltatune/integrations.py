@@ -27,7 +27,7 @@ from .anatomy import check_model
 from .api import deltas, disabled
 from .config import check_choice
 from .errors import ConfigError
-from .io import FORMATS, restore, save
+from .io import FORMATS, check_peft_exportable, restore, save
 from .layer import delta_layers
 
 
@@ -97,6 +97,9 @@ class DeltaTrainerMixin:
                 f"{type(self).__name__} trains the deltas of a model: pass model= a model with a delta attached "
                 "(deltatune.attach), not a name or a model without deltas"
             )
+        if save_format == "peft":  # refused now, not at the first checkpoint after minutes of training
+            attached = deltas(model)
+            check_peft_exportable(attached, attached)
         if call.arguments.get("peft_config") is not None:
             raise ConfigError(
                 f"{type(self).__name__}: peft_config would wrap the model in a PEFT adapter on top of its deltas; "

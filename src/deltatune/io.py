@@ -25,7 +25,7 @@ from torch import nn
 from . import peft_format
 from .anatomy import check_model, iter_modules
 from .placement import place
-from .api import attach, base_model_name, chosen_names, delete, deltas
+from .api import DeltaInfo, attach, base_model_name, chosen_names, delete, deltas
 from .backends import layer_backend
 from .config import DeltaConfig, check_choice
 from .errors import CheckpointError
@@ -81,13 +81,7 @@ def save(
         raise CheckpointError(f"cannot save into {str(root)!r}: it is a file; give a directory")
     _refuse_hiding_an_earlier_save(root, several=len(chosen) > 1)
     if format == "peft":
-        for name in chosen:
-            peft_format.exporter_for(infos[name].config.method)  # refuse before writing anything
-            if infos[name].config.task_head is not None:
-                raise CheckpointError(
-                    f"delta {name!r} has a task head, which PEFT's format cannot store (its classifier copy "
-                    "keeps the base layer's width); save it in deltatune's format"
-                )
+        check_peft_exportable(infos, chosen)  # refuse before writing anything
         return [peft_format.save(model, root if len(chosen) == 1 else root / name, name) for name in chosen]
     written = []
     layers = delta_layers(model)
@@ -122,6 +116,17 @@ def save(
         write_text_atomically(target / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         written.append(target)
     return written
+
+
+def check_peft_exportable(infos: dict[str, DeltaInfo], names: Iterable[str]) -> None:
+    """Raise unless PEFT's format can store each named delta (its method exists in PEFT)."""
+    for name in names:
+        peft_format.exporter_for(infos[name].config.method)
+        if infos[name].config.task_head is not None:
+            raise CheckpointError(
+                f"delta {name!r} has a task head, which PEFT's format cannot store (its classifier copy "
+                "keeps the base layer's width); save it in deltatune's format"
+            )
 
 
 def _refuse_hiding_an_earlier_save(root: Path, several: bool) -> None:
