@@ -25,7 +25,7 @@ from torch import nn
 from . import peft_format
 from .anatomy import check_model, iter_modules
 from .placement import place
-from .api import attach, base_model_name, chosen_names, delete, deltas
+from .api import DeltaInfo, attach, base_model_name, chosen_names, delete, deltas
 from .backends import layer_backend
 from .config import DeltaConfig, check_choice
 from .errors import CheckpointError
@@ -99,13 +99,7 @@ def save(
         raise CheckpointError(f"cannot save into {str(root)!r}: it is a file; give a directory")
     _refuse_hiding_an_earlier_save(root, several=len(chosen) > 1)
     if format == "peft":
-        for name in chosen:
-            peft_format.exporter_for(infos[name].config.method)  # refuse before writing anything
-            if infos[name].config.task_head is not None:
-                raise CheckpointError(
-                    f"delta {name!r} has a task head, which PEFT's format cannot store (its classifier copy "
-                    "keeps the base layer's width); save it in deltatune's format"
-                )
+        check_peft_exportable(infos, chosen)  # refuse before writing anything
         return [peft_format.save(model, root if len(chosen) == 1 else root / name, name) for name in chosen]
     written = []
     layers = delta_layers(model)
@@ -141,6 +135,17 @@ def save(
         write_text_atomically(target / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         written.append(target)
     return written
+
+
+def check_peft_exportable(infos: dict[str, DeltaInfo], names: Iterable[str]) -> None:
+    """Raise unless PEFT's format can store each named delta (its method exists in PEFT)."""
+    for name in names:
+        peft_format.exporter_for(infos[name].config.method)
+        if infos[name].config.task_head is not None:
+            raise CheckpointError(
+                f"delta {name!r} has a task head, which PEFT's format cannot store (its classifier copy "
+                "keeps the base layer's width); save it in deltatune's format"
+            )
 
 
 def _refuse_hiding_an_earlier_save(root: Path, several: bool) -> None:
@@ -354,3 +359,45 @@ def _same_shapes(model, config, paths, per_module) -> list[str]:
         ):
             fitting.append(p)
     return fitting
+
+
+def restore(model: nn.Module, path: str | Path) -> list[str]:
+    """Fill the deltas already attached to ``model``, in place, from a save of those same deltas
+    (deltatune's format or PEFT's); returns their names.
+
+    Where :func:`load` attaches new deltas, this keeps the parameter objects an optimizer holds,
+    which is what resuming a training run needs. The save must hold exactly the model's deltas,
+    each on the modules it adapts here. A single PEFT adapter fills the model's only delta,
+    whatever its name; several fill the deltas named like their sub-directories.
+    """
+    check_model("restore", model)
+    root = Path(path)
+    attached = deltas(model)
+    saved: dict[str, tuple[Path, dict[str, dict[str, torch.Tensor]]]] = {}
+    peft_adapters = peft_format.peft_directories(root) if root.is_dir() and not (root / CONFIG_FILE).is_file() else []
+    for directory in peft_adapters:
+        name = next(iter(attached)) if peft_adapters == [root] and len(attached) == 1 else directory.name
+        saved[name] = (directory, peft_format.read(model, directory).states)
+    if not peft_adapters:
+        for directory in delta_directories(root):
+            meta = _read_meta(directory)
+            per_module = _group_by_module(_read_tensors(directory, meta), model)
+            for module_path in meta.get("paths", ()):
+                per_module.setdefault(module_path, {})  # a delta that stores no tensor there
+            saved[meta.get("name", "default")] = (directory, per_module)
+    if set(saved) != set(attached):
+        raise CheckpointError(
+            f"{str(root)!r} holds the deltas {sorted(saved)}, but this model has {sorted(attached)}; restore "
+            "into a model with the same deltas attached, or use load() to attach new ones"
+        )
+    layers = delta_layers(model)
+    for name, (directory, per_module) in saved.items():
+        missing, extra = set(attached[name].paths) - set(per_module), set(per_module) - set(attached[name].paths)
+        if missing or extra:
+            raise CheckpointError(
+                f"the delta {name!r} in {directory} adapts other modules than the attached one: "
+                f"missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
+            )
+        for module_path, state in per_module.items():
+            layers[module_path].deltas[name].load_saved_state(state, f"{directory}: delta {name!r} on {module_path}")
+    return list(saved)
