@@ -91,7 +91,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="examples per micro-batch (default 8)"),
     grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step"),
     max_length: Optional[int] = typer.Option(None, help="tokens per example, longer ones are cut"),
-    completion_only: Optional[bool] = typer.Option(None, "--completion-only/--train-on-prompt", help="loss on answer tokens only"),
+    train_on: Optional[str] = typer.Option(None, help="which tokens of a conversation train: assistant (default: every assistant turn) | last (the final answer) | all (every token, prompts too)"),
     group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length", help="batch similar lengths"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     quantize: Optional[str] = typer.Option(None, help="train on a quantized base: nf4 (QLoRA, double quantization) | fp4 | int8"),
@@ -127,7 +127,7 @@ def train(
         from_delta=from_delta, method=method, output_dir=output_dir, name=name,
         epochs=epochs, max_steps=max_steps, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
-        max_length=max_length, completion_only=completion_only, group_by_length=group_by_length,
+        max_length=max_length, train_on=train_on, group_by_length=group_by_length,
         gradient_checkpointing=gradient_checkpointing, quantize=quantize, optim=optim, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, seed=seed, precision=precision, attention=attention, packing=packing, compile=compile, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
     )

@@ -93,8 +93,9 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: 
 
 def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings,
              tasks: "TaskDeltas | None" = None) -> Evaluation:
-    """Held-out loss and exact match; with several tasks, each task's with its own delta
-    selected, and their means."""
+    """Held-out loss and exact match (of every answer trained: with ``train_on`` other than
+    ``last``, each assistant turn of a conversation is generated after the reference turns
+    before it); with several tasks, each task's with its own delta selected, and their means."""
     if tasks is None or not tasks.names:
         return _evaluate_one(model, tokenizer, examples, features, settings)
     per_task = {}
@@ -114,10 +115,12 @@ def evaluate(model, tokenizer, examples: list[Example], features, settings: Trai
 
 def _evaluate_one(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
     loss = held_out_loss(model, tokenizer, features)
+    if settings.train_on != "last":  # every answer trained is scored: one prompt per turn, the reference history before it
+        examples = [turn for example in examples for turn in example.turns()]
     chosen = examples[: settings.eval_limit] if settings.eval_limit else examples
     score = None
     samples: list[dict[str, str]] = []
-    if all(e.completion for e in chosen):
+    if chosen and all(e.completion for e in chosen):
         prompts = [build_prompt(tokenizer, e) for e in chosen]
         predictions = generate_completions(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens)
         score = exact_match(predictions, [e.completion for e in chosen])
@@ -168,7 +171,7 @@ class LanguageModeling:
         self.subset = _keeps_logits_subset(model)
 
     def features(self, tokenizer, examples: list[Example], what: str) -> list[dict]:
-        return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.completion_only)
+        return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.train_on)
 
     def collator(self, tokenizer) -> Callable:
         return self.packed or PadCollator(tokenizer.pad_token_id)

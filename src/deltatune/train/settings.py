@@ -16,6 +16,7 @@ from ..heads import TASKS
 from ..precision import PRECISIONS
 from ..quant import check_scheme
 from .attention_choice import ATTENTION_CHOICES
+from .data import TRAIN_ON
 from .optim import check_optimizer
 
 
@@ -50,7 +51,7 @@ class TrainSettings:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
-    completion_only: bool = True
+    train_on: str = "assistant"  # assistant | last | all: which tokens of a conversation train (train/data.py)
     group_by_length: bool = True
     gradient_checkpointing: bool = False
     quantize: str | None = None  # nf4 | fp4 | int8: train on a quantized base (QLoRA with nf4)
@@ -81,6 +82,7 @@ class TrainSettings:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("train_on", self.train_on, TRAIN_ON)
         check_choice("attention", self.attention, ATTENTION_CHOICES)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
