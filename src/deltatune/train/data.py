@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -472,8 +472,14 @@ def answer_spans(tokenizer: Any, example: Example, train_on: str = "assistant") 
         if not whole.startswith(before):
             raise TurnsRenderedDifferently(
                 f"{example.source or 'a conversation'}: the chat template renders the turns before "
-                f"answer {index + 1} differently once later turns follow")
+                f"turn {index + 1} differently once later turns follow")
         end = len(os.path.commonprefix([through, whole]))
+        if index == len(turns) - 1:
+            # the final answer is compared with itself followed by a user turn, so that what a
+            # template writes only at the end of a conversation (Phi-3's EOS) is not part of it
+            # (unless the template renders that turn differently, moving its system prompt there)
+            continued = len(os.path.commonprefix([through, _followed_by_user(render, turns)]))
+            end = continued if continued > len(before) else end
         for token in special:  # a departure inside a special token: the token is the next turn's
             start = whole.find(token, max(0, end - len(token) + 1), end + len(token) - 1)
             if start != -1 and start < end:
@@ -482,8 +488,8 @@ def answer_spans(tokenizer: Any, example: Example, train_on: str = "assistant") 
             end -= 1
         if end <= len(before) and turns[index]["content"]:
             raise TurnsRenderedDifferently(
-                f"{example.source or 'a conversation'}: the chat template renders answer {index + 1} "
-                "differently when later turns follow")
+                f"{example.source or 'a conversation'}: the chat template renders the answer of turn "
+                f"{index + 1} differently once later turns follow")
         spans.append((len(before), end))
     text = whole[: spans[-1][1]]
     if not any(text.endswith(token) for token in special):
@@ -496,6 +502,14 @@ def atomic_tokens(tokenizer: Any) -> list[str]:
     """The texts the tokenizer never splits: its special and added tokens (a chat template's
     turn markers are among them, whether or not the tokenizer calls them special)."""
     return sorted({token for token in [*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()] if token})
+
+
+def _followed_by_user(render: Callable[[Sequence[dict[str, Any]], bool], str], turns: Sequence[dict[str, Any]]) -> str:
+    """The conversation rendered with one more (user) turn; itself where the template refuses one."""
+    try:
+        return render([*turns, {"role": "user", "content": "?"}], False)
+    except DataError:
+        return render(turns, False)
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
