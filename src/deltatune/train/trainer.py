@@ -61,7 +61,7 @@ from ..report import summary
 from .attention_choice import choose_attention
 from .compiled import compile_blocks
 from .data import batch_indices
-from .objectives import Evaluation, LabelledTask, LanguageModeling, describe
+from .objectives import Evaluation, describe, objective_for
 from .optim import OptimizerFallbackWarning, make_optimizer
 from .settings import TrainSettings, resumed_settings
 from .tasks import TaskDeltas, attach_for_tasks, task_names
@@ -113,7 +113,7 @@ class RunState:
     """What the three phases of one run (set-up, train loop, finish) share."""
 
     accelerator: Any
-    objective: Any  # LanguageModeling or LabelledTask
+    objective: Any  # LanguageModeling, LabelledTask or PreferenceTuning (objectives.py)
     log: Callable[[str], None]
     main: bool  # the main process: it evaluates, prints and writes files
     started: float
@@ -194,7 +194,7 @@ class Trainer:
         from transformers import get_scheduler
 
         s = self.settings
-        objective = LabelledTask(s) if s.task is not None else LanguageModeling(s)
+        objective = objective_for(s)
         started = time.perf_counter()
         main = accelerator.is_main_process
         if accelerator.device.type == "cuda":
@@ -309,7 +309,7 @@ class Trainer:
                     with accelerator.autocast(), run.task_deltas.batch(plain_model, [f.get("task") for f in chosen]):
                         loss = run.objective.loss(model, batch)
                     accelerator.backward((loss + training_penalty(plain_model, self.names)) / s.grad_accum)
-                    run.tokens_seen += sum(len(f["input_ids"]) for f in chosen)
+                    run.tokens_seen += sum(run.objective.tokens(f) for f in chosen)
                     smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
                     step_loss += loss.item() / s.grad_accum
                 if s.max_grad_norm:
