@@ -254,3 +254,22 @@ def test_per_turn_evaluation_prompts_each_answer_with_the_reference_history():
     assert [t.completion for t in turns] == ANSWERS
     assert [len(t.prompt) for t in turns] == [2, 4, 6]
     assert [t.source for t in turns] == ["t.jsonl line 3 turn 3", "t.jsonl line 3 turn 5", "t.jsonl line 3"]
+
+
+@pytest.mark.parametrize("script, folder", [("make_chat_data.py", "chat"), ("make_preference_data.py", "preference")])
+def test_the_bundled_chat_and_preference_data_are_what_their_seeded_generators_write(script, folder, tmp_path):
+    from importlib import resources
+    from pathlib import Path
+    import subprocess
+    import sys
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    subprocess.run([sys.executable, str(scripts / script), "--out", str(tmp_path)], check=True, capture_output=True)
+    bundled = Path(str(resources.files("deltatune") / "data" / folder))
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (bundled / f"{split}.jsonl").read_bytes()
+    iso_date = (lambda r: r["messages"][1]["content"]) if folder == "chat" else (lambda r: r["chosen"][0]["content"])
+    train_dates, test_dates = ({iso_date(json.loads(line)) for line in (bundled / f"{split}.jsonl").read_text().splitlines()}
+                               for split in ("train", "test"))
+    assert len(train_dates) == 400 - 100 * (folder == "chat") and len(test_dates) == (60 if folder == "chat" else 100)
+    assert not train_dates & test_dates  # no date in both splits

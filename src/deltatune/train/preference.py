@@ -163,11 +163,11 @@ def _to_pair(record: Mapping[str, Any], where: str) -> PreferencePair:
         shared = 0
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
-        if chosen[shared:][0:1] != chosen[-1:] or rejected[shared:][0:1] != rejected[-1:] or not shared:
+        if (len(chosen) != shared + 1 or len(rejected) != shared + 1 or not shared
+                or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant"):
             raise DataError(f"{where}: 'chosen' and 'rejected' must be the same conversation up to a final "
                             "assistant answer each (no 'prompt' given)")
-        return PreferencePair(chosen[:shared], _answer_text(chosen[-1:], "chosen", where),
-                              _answer_text(rejected[-1:], "rejected", where), where)
+        return PreferencePair(chosen[:shared], chosen[-1]["content"], rejected[-1]["content"], where)
     if isinstance(prompt, str):
         texts = [record[key] for key in ("chosen", "rejected")]
         if not all(isinstance(text, str) for text in texts):
