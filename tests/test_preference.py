@@ -96,7 +96,7 @@ def test_the_reference_is_the_model_with_its_deltas_off():
     assert dt.deltas(model)["default"].active  # and the delta is on again
 
 
-def load_pairs_from(records, tmp_path=None):
+def load_pairs_from(records):
     import tempfile
     from pathlib import Path
 

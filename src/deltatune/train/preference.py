@@ -56,9 +56,8 @@ from torch import nn
 
 from ..api import disabled
 from ..errors import ConfigError, DataError
-from .data import IGNORE_INDEX, Example, MESSAGE_ROLES, read_located_records, tokenize_example
+from .data import IGNORE_INDEX, MESSAGE_ROLES, Example, build_prompt, read_located_records, tokenize_example
 from .evaluate import exact_match, generate_completions
-from .data import build_prompt
 
 #: the objectives of ``--objective`` besides plain language modelling (``sft``)
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
