@@ -87,7 +87,7 @@ def largest_batch(steps: int, batch_size: int) -> tuple[int, int]:
     settings = TrainSettings(max_steps=steps, batch_size=batch_size)
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     train, _ = split_data(settings)
-    features = tokenize_examples(tokenizer, train, settings.max_length, settings.completion_only)
+    features = tokenize_examples(tokenizer, train, settings.max_length, settings.train_on)
     stream = micro_batches([len(f["input_ids"]) for f in features], settings, 0, 1)
     collate = PadCollator(tokenizer.pad_token_id or 0)
     shapes = []

@@ -237,17 +237,17 @@ def test_completion_only_labels_mask_the_prompt(tokenizer):
 
 def test_training_on_all_tokens(tokenizer):
     example = Example(prompt=({"role": "user", "content": "hi"},), completion="hello")
-    features = tokenize_example(tokenizer, example, max_length=256, completion_only=False)
+    features = tokenize_example(tokenizer, example, max_length=256, train_on="all")
     assert features["labels"] == features["input_ids"]
 
 
-def test_multi_turn_trains_only_the_last_answer(tokenizer):
+def test_multi_turn_with_train_on_last_trains_only_the_last_answer(tokenizer):
     turns = (
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4"},
         {"role": "user", "content": "3+3?"},
     )
-    features = tokenize_example(tokenizer, Example(prompt=turns, completion="6"), max_length=256)
+    features = tokenize_example(tokenizer, Example(prompt=turns, completion="6"), max_length=256, train_on="last")
     assert tokenizer.decode(trained_part(features)) == "6<|im_end|>"
 
 

@@ -76,6 +76,10 @@ def train(
     text_field: Optional[str] = typer.Option(None, help="--task: the field holding the text (default 'text'; 'tokens' for tag)"),
     pair_field: Optional[str] = typer.Option(None, help="--task: the field holding a second text (default 'text_pair' when present)"),
     label_field: Optional[str] = typer.Option(None, help="--task: the label field (default label | labels | score | tags by task)"),
+    objective: Optional[str] = typer.Option(None, help="sft (default: language modelling on the answers) | dpo | orpo | simpo: preference tuning on prompt/chosen/rejected records (default data: the bundled preference pairs)"),
+    beta: Optional[float] = typer.Option(None, help="--objective dpo | simpo: beta (default 0.1 | 2.0)"),
+    odds_ratio_weight: Optional[float] = typer.Option(None, help="--objective orpo: lambda, the weight of the odds-ratio loss (default 0.1)"),
+    reward_margin: Optional[float] = typer.Option(None, help="--objective simpo: gamma, the target reward margin (default 1.0)"),
     from_delta: Optional[str] = typer.Option(None, help="start from saved deltas; a hyperformer delta learns new tasks' embeddings only"),
     method: Optional[str] = typer.Option(None, help="delta method (default lora)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of these options; flags override it"),
@@ -91,7 +95,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="examples per micro-batch (default 8)"),
     grad_accum: Optional[int] = typer.Option(None, help="micro-batches per optimizer step"),
     max_length: Optional[int] = typer.Option(None, help="tokens per example, longer ones are cut"),
-    completion_only: Optional[bool] = typer.Option(None, "--completion-only/--train-on-prompt", help="loss on answer tokens only"),
+    train_on: Optional[str] = typer.Option(None, help="which tokens of a conversation train: assistant (default: every assistant turn) | last (the final answer) | all (every token, prompts too)"),
     group_by_length: Optional[bool] = typer.Option(None, "--group-by-length/--no-group-by-length", help="batch similar lengths"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     quantize: Optional[str] = typer.Option(None, help="train on a quantized base: nf4 (QLoRA, double quantization) | fp4 | int8"),
@@ -127,10 +131,11 @@ def train(
     flags = dict(
         model=model, task=task, data=_one_or_many(data), eval_data=_one_or_many(eval_data), eval_fraction=eval_fraction,
         task_field=task_field, text_field=text_field, pair_field=pair_field, label_field=label_field,
+        objective=objective, beta=beta, odds_ratio_weight=odds_ratio_weight, reward_margin=reward_margin,
         from_delta=from_delta, method=method, output_dir=output_dir, name=name,
         epochs=epochs, max_steps=max_steps, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
-        max_length=max_length, completion_only=completion_only, group_by_length=group_by_length,
+        max_length=max_length, train_on=train_on, group_by_length=group_by_length,
         gradient_checkpointing=gradient_checkpointing, quantize=quantize, optim=optim, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, seed=seed, precision=precision, attention=attention, packing=packing, compile=compile, max_new_tokens=max_new_tokens, eval_limit=eval_limit,
         fsdp=fsdp, deepspeed=deepspeed,
@@ -138,7 +143,8 @@ def train(
     flags.update(_method_options(r, alpha, dropout, targets, exclude, layers, rslora, dora, init, bias, set_))
     if output_dir is None and config is None and not data and not resume:
         # the directory is ours to choose: a new one, so an earlier demo run is never replaced
-        flags["output_dir"] = str(unused_directory(Path(f"runs/demo-{task}" if task else "runs/demo")))
+        kind = task or (objective if objective not in (None, "sft") else None)
+        flags["output_dir"] = str(unused_directory(Path(f"runs/demo-{kind}" if kind else "runs/demo")))
     settings = (TrainSettings.from_file(config, **flags) if config else TrainSettings.from_mapping({}, **flags))
     if num_processes > 1:  # settings checked above, once, before any rank starts
         from ..train.distributed import launch, without_option

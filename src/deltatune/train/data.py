@@ -6,19 +6,33 @@ Supported layouts, recognised from the first record:
 ========================  ==========================================  ===================
 layout                    fields                                      what is trained
 ========================  ==========================================  ===================
-``messages``              ``messages``: [{"role", "content"}, ...]    the last turn, which
-                                                                      must be the assistant's
+``messages``              ``messages``: [{"role", "content"}, ...]    the assistant turns
+                          (optional ``tools``)                        (``train_on``)
+``conversations``         ``conversations``: [{"from", "value"},      the same (ShareGPT:
+                          ...]                                        ``human``, ``gpt``...)
 ``instruction``           ``instruction``, ``output``, ``input``      ``output``
                           (optional)
 ``prompt/completion``     ``prompt``, ``completion`` (raw text)       ``completion``
 ``text``                  ``text``                                    every token
 ========================  ==========================================  ===================
 
-Chat-like layouts (``messages``, ``instruction``) are rendered with the tokenizer's chat
-template, so the model is tuned in the format it is prompted with; tokenizers without a
-template get a plain ``### Instruction: / ### Response:`` format. ``prompt/completion``
-records are used verbatim. Every completion ends with the end-of-turn token (or EOS), so the
-tuned model learns to stop.
+Chat-like layouts (``messages``, ``conversations``, ``instruction``) are rendered with the
+tokenizer's chat template, so the model is tuned in the format it is prompted with;
+tokenizers without a template get a plain ``### Instruction: / ### Response:`` format.
+``prompt/completion`` records are used verbatim. Every completion ends with the end-of-turn
+token (or EOS), so the tuned model learns to stop.
+
+Which tokens of a conversation train (``train_on``): ``assistant`` (the default) every
+assistant turn, tool calls included; ``last`` the final one only; ``all`` every token.
+System, user and tool turns are context. The assistant spans are found from the chat template
+itself, not from marker strings: turn i's answer starts where the conversation before it,
+rendered with the generation prompt, ends, and stops where the conversation through it,
+rendered alone, departs from the whole one (:func:`answer_spans`). A template that renders
+earlier turns differently once later turns follow (one that moves the system prompt, or drops
+earlier reasoning) has no such spans; its conversations train as one example per assistant
+turn, each prompted as the template prompts that turn. A conversation longer than
+``max_length`` is cut after the last assistant turn that fits, and the count of turns dropped
+is logged.
 
 Batching pads to the longest sequence in the batch; :func:`batch_indices` can group
 examples of similar length to waste less compute on padding. ``deltatune train`` packs its
@@ -31,8 +45,9 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,6 +64,7 @@ IGNORE_INDEX = -100
 
 LAYOUT_FIELDS = {
     "messages": ("messages",),
+    "conversations": ("conversations",),
     "instruction": ("instruction", "input", "output"),
     "prompt/completion": ("prompt", "completion"),
     "text": ("text",),
@@ -59,6 +75,15 @@ _PLAIN_ROLE_HEADERS = {
     "system": "### System:",
     "user": "### Instruction:",
     "assistant": "### Response:",
+}
+
+#: which tokens of a conversation train: every assistant turn, the final one, or every token
+TRAIN_ON = ("assistant", "last", "all")
+
+#: ShareGPT's speaker names (``from``) and the chat roles they are
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
 }
 
 
@@ -73,14 +98,37 @@ class Example:
     data set (a record's task field, or its file's name), None in single-task data.
     """
 
-    prompt: str | tuple[dict[str, str], ...]
+    prompt: str | tuple[dict[str, Any], ...]
     completion: str
     source: str = ""
     task: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the final answer's tool calls, if it makes any
+    tools: tuple[dict[str, Any], ...] = ()  # tool schemas the chat template is given
 
     @property
     def is_chat(self) -> bool:
         return isinstance(self.prompt, tuple)
+
+    @property
+    def conversation(self) -> tuple[dict[str, Any], ...]:
+        """Every turn of a chat example, the final answer included."""
+        answer: dict[str, Any] = {"role": "assistant", "content": self.completion}
+        if self.tool_calls:
+            answer["tool_calls"] = list(self.tool_calls)
+        return (*self.prompt, answer)
+
+    def turns(self) -> list["Example"]:
+        """One example per assistant turn that answers in text, its earlier turns as its prompt:
+        what per-turn evaluation scores (a tool call has no text to compare)."""
+        if not self.is_chat:
+            return [self]
+        turns = self.conversation
+        return [
+            dataclasses.replace(self, prompt=turns[:index], completion=turn["content"], tool_calls=(),
+                                source=f"{self.source} turn {index + 1}" if index < len(turns) - 1 else self.source)
+            for index, turn in enumerate(turns)
+            if turn["role"] == "assistant" and turn["content"] and not turn.get("tool_calls")
+        ]
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -214,6 +262,8 @@ def detect_layout(record: dict[str, Any], where: str = "record") -> str:
     """Name of the layout (a key of :data:`LAYOUT_FIELDS`) that ``record`` is written in."""
     if "messages" in record:
         return "messages"
+    if "conversations" in record:
+        return "conversations"
     if "instruction" in record or "output" in record:
         return "instruction"
     if "prompt" in record or "completion" in record:
@@ -254,9 +304,15 @@ def _to_example(record: dict[str, Any], layout: str, where: str, detected_from: 
             )
         return value
 
-    if layout == "messages":
-        turns = _validated_messages(record.get("messages"), where, detected_from)
-        return Example(prompt=turns[:-1], completion=turns[-1]["content"], source=where)
+    if layout in ("messages", "conversations"):
+        turns = _validated_messages(record.get(layout), layout, where, detected_from)
+        tools = record.get("tools") or ()
+        if isinstance(tools, str):  # ShareGPT files often hold the schemas as a JSON string
+            tools = _json_field(tools, "tools", where)
+        if not isinstance(tools, (list, tuple)) or not all(isinstance(t, dict) for t in tools):
+            raise DataError(f"{where}: field 'tools' must be a list of tool schemas (objects), got {tools!r:.80}")
+        return Example(prompt=turns[:-1], completion=turns[-1]["content"], source=where,
+                       tool_calls=tuple(turns[-1].get("tool_calls", ())), tools=tuple(tools))
     if layout == "instruction":
         instruction, extra_input = text_field("instruction"), text_field("input", required=False)
         user_turn = f"{instruction}\n\n{extra_input}" if extra_input else instruction
@@ -272,35 +328,68 @@ def _to_example(record: dict[str, Any], layout: str, where: str, detected_from: 
     return Example(prompt="", completion=text_field("text"), source=where)
 
 
+def _json_field(text: str, field: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: field {field!r} is a string but not JSON ({exc.msg})") from None
+
+
 def _validated_messages(
-    messages: Any, where: str, detected_from: str
-) -> tuple[dict[str, str], ...]:
+    messages: Any, layout: str, where: str, detected_from: str
+) -> tuple[dict[str, Any], ...]:
+    """The turns as chat-template messages (``role``, ``content``; ``tool_calls`` on assistant
+    turns that call tools; ``name`` and ``tool_call_id`` kept for tool turns). ShareGPT turns
+    (``from``, ``value``) are translated: a ``function_call`` turn becomes an assistant turn
+    calling the tool its value names, an ``observation`` the tool's answer."""
     if messages is None:
-        raise DataError(f"{where}: missing field 'messages' ({detected_from})")
+        raise DataError(f"{where}: missing field {layout!r} ({detected_from})")
+    keys = ("from", "value") if layout == "conversations" else ("role", "content")
     if not isinstance(messages, list):
         raise DataError(
-            f"{where}: field 'messages' must be a list of {{role, content}} objects, "
+            f"{where}: field {layout!r} must be a list of {{{', '.join(keys)}}} objects, "
             f"got {type(messages).__name__} ({detected_from})"
         )
     turns = []
     for index, message in enumerate(messages):
-        field = f"messages[{index}]"
+        field = f"{layout}[{index}]"
         if not isinstance(message, dict):
             raise DataError(
                 f"{where}: field '{field}' must be an object, got {type(message).__name__}"
             )
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                problem = (
-                    "missing" if message.get(key) is None else f"a {type(message[key]).__name__}"
-                )
+        speaker, text = message.get(keys[0]), message.get(keys[1])
+        calls = message.get("tool_calls")
+        if text is None and calls:  # an assistant turn that only calls tools has no text
+            text = ""
+        for key, value in zip(keys, (speaker, text)):
+            if not isinstance(value, str):
+                problem = "missing" if value is None else f"a {type(value).__name__}"
                 raise DataError(f"{where}: field '{field}.{key}' must be a string, is {problem}")
-        if message["role"] not in MESSAGE_ROLES:
-            raise DataError(f"{where}: field '{field}.role' is {message['role']!r}; allowed: {', '.join(MESSAGE_ROLES)}")
-        turns.append({"role": message["role"], "content": message["content"]})
+        if layout == "conversations":
+            if speaker not in SHAREGPT_ROLES:
+                raise DataError(f"{where}: field '{field}.from' is {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
+            turn: dict[str, Any] = {"role": SHAREGPT_ROLES[speaker], "content": text}
+            if speaker == "function_call":
+                call = _json_field(text, f"{field}.value", where)
+                if not isinstance(call, dict) or "name" not in call:
+                    raise DataError(f"{where}: field '{field}.value' must name the function called "
+                                    f'({{"name": ..., "arguments": ...}}), got {text!r:.80}')
+                turn = {"role": "assistant", "content": "",
+                        "tool_calls": [{"type": "function", "function": {"name": call["name"],
+                                                                          "arguments": call.get("arguments", {})}}]}
+        else:
+            if speaker not in MESSAGE_ROLES:
+                raise DataError(f"{where}: field '{field}.role' is {speaker!r}; allowed: {', '.join(MESSAGE_ROLES)}")
+            turn = {"role": speaker, "content": text}
+            if calls:
+                if speaker != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                    raise DataError(f"{where}: field '{field}.tool_calls' must be a list of objects on an assistant turn")
+                turn["tool_calls"] = calls
+            turn.update({key: message[key] for key in ("name", "tool_call_id") if isinstance(message.get(key), str)})
+        turns.append(turn)
     if len(turns) < 2 or turns[-1]["role"] != "assistant":
         raise DataError(
-            f"{where}: field 'messages' must hold at least one prompt turn followed by the "
+            f"{where}: field {layout!r} must hold at least one prompt turn followed by the "
             "assistant's answer as the last message"
         )
     return tuple(turns)
@@ -309,40 +398,118 @@ def _validated_messages(
 # --------------------------------------------------------------------------- prompts
 
 
+def render_chat(tokenizer: Any, turns: Sequence[dict[str, Any]], *, generation_prompt: bool,
+                tools: Sequence[dict[str, Any]] = (), source: str = "") -> str:
+    """``turns`` as the model reads them: through the tokenizer's chat template, or the plain
+    ``### Instruction:`` format when it has none. A template that refuses the conversation
+    (Gemma's has no system role) raises a DataError with the template's own reason."""
+    if tokenizer.chat_template:
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(list(turns), tools=list(tools) or None, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except TemplateError as exc:
+            raise DataError(f"{source or 'a conversation'}: the tokenizer's chat template refuses it ({exc})") from None
+    text = "\n\n".join(
+        f"{_PLAIN_ROLE_HEADERS.get(turn['role'], '### ' + turn['role'].title() + ':')}\n{_plain_content(turn)}"
+        for turn in turns
+    )
+    return text + f"\n\n{_PLAIN_ROLE_HEADERS['assistant']}\n" if generation_prompt else text
+
+
+def _plain_content(turn: dict[str, Any]) -> str:
+    calls = turn.get("tool_calls")
+    return turn["content"] + "".join(f"\n{json.dumps(call)}" for call in calls or ())
+
+
 def build_prompt(tokenizer: Any, example: Example) -> str:
     """The prompt text the model sees before its answer, at training and at generation time."""
     if not example.is_chat:
         return example.prompt
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            list(example.prompt), tokenize=False, add_generation_prompt=True
-        )
-    turns = [
-        f"{_PLAIN_ROLE_HEADERS.get(turn['role'], '### ' + turn['role'].title() + ':')}\n"
-        f"{turn['content']}"
-        for turn in example.prompt
-    ]
-    return "\n\n".join(turns) + f"\n\n{_PLAIN_ROLE_HEADERS['assistant']}\n"
+    return render_chat(tokenizer, example.prompt, generation_prompt=True, tools=example.tools, source=example.source)
 
 
-def _completion_text(tokenizer: Any, example: Example, prompt_text: str) -> str:
-    """The answer as it follows the prompt, ending with the end-of-turn token or EOS."""
+class TurnsRenderedDifferently(DataError):
+    """The chat template renders a conversation's earlier turns differently once later turns
+    follow, so its whole rendering holds no span that is exactly one turn's answer."""
+
+
+def answer_spans(tokenizer: Any, example: Example, train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
+    """The text of ``example`` as trained and the character spans of its answers.
+
+    A chat example's answer i (the i-th assistant turn) starts where the turns before it,
+    rendered with the generation prompt, end (that text must begin the whole conversation's),
+    and ends where the turns through it, rendered on their own, depart from the whole one: a
+    template may close a conversation differently from a turn (Phi-3 adds EOS), so the end is
+    backed out of any special token it falls inside and then out of trailing whitespace (the
+    newline a template writes after the end-of-turn token is the next turn's, not the answer's).
+    ``train_on="last"`` gives the final answer only. The text stops at the final answer's end,
+    which is the end-of-turn token, or EOS appended when the template wrote none.
+
+    Raises:
+        TurnsRenderedDifferently: the template renders the history differently later on.
+        DataError: the template refuses the conversation.
+    """
+    if train_on not in TRAIN_ON:
+        raise DataError(f"train_on={train_on!r} is not valid; allowed: {', '.join(TRAIN_ON)}")
     eos = tokenizer.eos_token or ""
-    if not (example.is_chat and tokenizer.chat_template):
-        return example.completion + eos
-    conversation = [*example.prompt, {"role": "assistant", "content": example.completion}]
-    full_text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise DataError(
-            f"{example.source}: the tokenizer's chat template renders the prompt differently "
-            "with and without the answer, so prompt tokens cannot be masked"
-        )
-    # Templates put a newline or similar after the end-of-turn token; the model should
-    # learn to emit the end-of-turn token, not what the template writes after it.
-    completion = full_text[len(prompt_text) :].rstrip()
-    if not any(completion.endswith(token) for token in tokenizer.all_special_tokens):
-        completion += eos
-    return completion
+    if not example.is_chat:
+        text = example.prompt + example.completion
+        return text + eos, [(len(example.prompt), len(text) + len(eos))]
+    turns = example.conversation
+    render = lambda part, generation_prompt: render_chat(  # noqa: E731
+        tokenizer, part, generation_prompt=generation_prompt, tools=example.tools, source=example.source)
+    whole = render(turns, False)
+    answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+    if train_on == "last":
+        answers = answers[-1:]
+    special = atomic_tokens(tokenizer)
+    spans = []
+    for index in answers:
+        before = render(turns[:index], True)
+        through = render(turns[: index + 1], False)
+        if not whole.startswith(before):
+            raise TurnsRenderedDifferently(
+                f"{example.source or 'a conversation'}: the chat template renders the turns before "
+                f"turn {index + 1} differently once later turns follow")
+        end = len(os.path.commonprefix([through, whole]))
+        if index == len(turns) - 1:
+            # the final answer is compared with itself followed by a user turn, so that what a
+            # template writes only at the end of a conversation (Phi-3's EOS) is not part of it
+            # (unless the template renders that turn differently, moving its system prompt there)
+            continued = len(os.path.commonprefix([through, _followed_by_user(render, turns)]))
+            end = continued if continued > len(before) else end
+        for token in special:  # a departure inside a special token: the token is the next turn's
+            start = whole.find(token, max(0, end - len(token) + 1), end + len(token) - 1)
+            if start != -1 and start < end:
+                end = start
+        while end > len(before) and whole[end - 1].isspace():
+            end -= 1
+        if end <= len(before) and turns[index]["content"]:
+            raise TurnsRenderedDifferently(
+                f"{example.source or 'a conversation'}: the chat template renders the answer of turn "
+                f"{index + 1} differently once later turns follow")
+        spans.append((len(before), end))
+    text = whole[: spans[-1][1]]
+    if not any(text.endswith(token) for token in special):
+        text += eos
+        spans[-1] = (spans[-1][0], len(text))
+    return text, spans
+
+
+def atomic_tokens(tokenizer: Any) -> list[str]:
+    """The texts the tokenizer never splits: its special and added tokens (a chat template's
+    turn markers are among them, whether or not the tokenizer calls them special)."""
+    return sorted({token for token in [*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()] if token})
+
+
+def _followed_by_user(render: Callable[[Sequence[dict[str, Any]], bool], str], turns: Sequence[dict[str, Any]]) -> str:
+    """The conversation rendered with one more (user) turn; itself where the template refuses one."""
+    try:
+        return render([*turns, {"role": "user", "content": "?"}], False)
+    except DataError:
+        return render(turns, False)
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -355,6 +522,32 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
 
 
+def _token_boundaries(tokenizer: Any, text: str, cuts: Sequence[int]) -> tuple[list[int], list[int]]:
+    """``text``'s token ids and the token index of each character offset in ``cuts``.
+
+    The whole text tokenised, where each cut falls between two of its tokens (the text up to
+    the cut tokenises as a prefix of the whole); otherwise the tokenizer merged characters
+    across a cut, and the pieces between cuts are tokenised one by one, so that every answer
+    starts with the token generation starts with after its prompt."""
+    ids = encode_prompt(tokenizer, text)
+    positions = []
+    for cut in cuts:
+        head = encode_prompt(tokenizer, text[:cut]) if cut else []
+        if ids[: len(head)] != head:
+            break
+        positions.append(len(head))
+    else:
+        return ids, positions
+    ids, positions, previous = [], [], 0
+    for cut in [*cuts, len(text)]:
+        piece = text[previous:cut]
+        if piece:
+            ids += encode_prompt(tokenizer, piece) if not ids else tokenizer(piece, add_special_tokens=False)["input_ids"]
+        positions.append(len(ids))
+        previous = cut
+    return ids, positions[:-1]
+
+
 # ---------------------------------------------------------------------------- tokenising
 
 
@@ -363,52 +556,100 @@ class PromptTooLongError(DataError):
 
 
 def tokenize_example(
-    tokenizer: Any, example: Example, max_length: int, completion_only: bool = True
+    tokenizer: Any, example: Example, max_length: int, train_on: str = "assistant"
 ) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` for one example.
 
-    With ``completion_only`` (the default) the labels of prompt tokens are ``-100``, so only
-    the answer is trained; plain-text examples have no prompt and train every token.
-    Sequences longer than ``max_length`` are cut at the end.
+    Labels are ``-100`` outside the answers :func:`answer_spans` finds (everywhere trained with
+    ``train_on="all"``); plain-text examples have no prompt and train every token. A sequence
+    longer than ``max_length`` is cut after the last answer that fits, whole (the key
+    ``dropped_turns`` then counts the turns cut off); when not even the first answer fits, it
+    is cut at ``max_length``.
 
     Raises:
         PromptTooLongError: the prompt alone fills ``max_length``, leaving no answer token.
+        TurnsRenderedDifferently: see :func:`answer_spans`.
     """
-    prompt_text = build_prompt(tokenizer, example)
-    completion_text = _completion_text(tokenizer, example, prompt_text)
-    prompt_ids = encode_prompt(tokenizer, prompt_text)
-    full_ids = encode_prompt(tokenizer, prompt_text + completion_text)
-    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) <= len(prompt_ids):
-        # The tokenizer merged tokens across the prompt/answer boundary. Generation starts
-        # from the prompt's own tokens, so train on exactly those followed by the answer's.
-        full_ids = prompt_ids + tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-
-    prompt_length = len(prompt_ids)
+    text, spans = answer_spans(tokenizer, example, train_on)
+    ids, bounds = _token_boundaries(tokenizer, text, [offset for span in spans for offset in span])
+    token_spans = list(zip(bounds[0::2], bounds[1::2]))
+    token_spans[-1] = (token_spans[-1][0], len(ids))
+    prompt_length = token_spans[0][0]
     if prompt_length >= max_length:
         raise PromptTooLongError(
             f"{example.source or 'example'}: the prompt is {prompt_length} tokens, so "
             f"max_length={max_length} leaves no answer token to train; raise max_length"
         )
-    input_ids = full_ids[:max_length]
-    masked = prompt_length if completion_only else 0
-    labels = [IGNORE_INDEX] * masked + input_ids[masked:]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    dropped = 0
+    if len(ids) > max_length:
+        fitting = [span for span in token_spans if span[1] <= max_length]
+        if fitting:
+            dropped = len(example.conversation) - _turns_through(example, len(fitting), train_on)
+            token_spans = fitting
+            ids = ids[: fitting[-1][1]]
+        else:
+            ids = ids[:max_length]
+    if train_on == "all":
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in token_spans:
+            labels[start:end] = ids[start:end]
+    feature = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    if dropped:
+        feature["dropped_turns"] = dropped
+    return feature
+
+
+def _turns_through(example: Example, answers: int, train_on: str) -> int:
+    """How many turns of ``example`` its first ``answers`` answers (of those trained) span."""
+    if train_on == "last":  # one answer, the final turn
+        return len(example.conversation)
+    seen = 0
+    for index, turn in enumerate(example.conversation):
+        seen += turn["role"] == "assistant"
+        if seen == answers:
+            return index + 1
+    return len(example.conversation)
 
 
 def tokenize_examples(
-    tokenizer: Any, examples: Iterable[Example], max_length: int, completion_only: bool = True
+    tokenizer: Any, examples: Iterable[Example], max_length: int, train_on: str = "assistant"
 ) -> list[dict[str, list[int]]]:
-    """Tokenise many examples, skipping (and reporting) those whose prompt fills max_length."""
-    features, skipped = [], []
+    """Tokenise many examples, skipping (and reporting) those whose prompt fills max_length and
+    reporting conversations cut at a turn boundary. A conversation whose template renders
+    earlier turns differently later on trains as one example per assistant turn."""
+    features, skipped, per_turn = [], [], []
+    cut, dropped_turns = 0, 0
     for example in examples:
         try:
-            feature = tokenize_example(tokenizer, example, max_length, completion_only)
+            found = [tokenize_example(tokenizer, example, max_length, train_on)]
+        except TurnsRenderedDifferently:
+            per_turn.append(example.source)
+            found = []
+            for turn in example.turns():
+                try:
+                    found.append(tokenize_example(tokenizer, turn, max_length, "last"))
+                except PromptTooLongError:
+                    skipped.append(turn.source)
         except PromptTooLongError:
             skipped.append(example.source)
             continue
-        if example.task is not None:  # the collator stacks token lists only; the task rides along
-            feature["task"] = example.task
-        features.append(feature)
+        for feature in found:
+            if "dropped_turns" in feature:
+                cut += 1
+                dropped_turns += feature.pop("dropped_turns")
+            if example.task is not None:  # the collator stacks token lists only; the task rides along
+                feature["task"] = example.task
+            features.append(feature)
+    if per_turn:
+        logger.warning(
+            "the chat template renders earlier turns differently once later turns follow, so %d "
+            "conversation(s) train as one example per assistant turn (first: %s)", len(per_turn), per_turn[0])
+    if cut:
+        logger.warning(
+            "cut %d conversation(s) longer than max_length=%d after their last whole answer that fits, "
+            "dropping %d turn(s) in all", cut, max_length, dropped_turns)
     if skipped:
         logger.warning(
             "skipped %d example(s) whose prompt is longer than max_length=%d (first: %s)",

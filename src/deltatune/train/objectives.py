@@ -1,5 +1,11 @@
 """What a run optimises and how it is scored: language modelling on instruction data
-(loss on the answers, exact match) or a labelled task through a task head (the task's metrics)."""
+(loss on the answers, exact match), a labelled task through a task head (the task's metrics),
+or preferences between two answers (``--objective dpo|orpo|simpo``: reward accuracy and margin).
+
+Every objective offers the trainer the same few methods (``split``, ``delta_config``, ``load``,
+``attached``, ``features``, ``tokens``, ``collator``, ``choose_layout``, ``loss``, ``evaluate``,
+``held_out_loss``), so checkpoints, resuming, Ctrl-C, quantized bases and multi-task routing
+work alike for all; :func:`objective_for` picks the run's."""
 
 from __future__ import annotations
 
@@ -40,6 +46,15 @@ from .labelled import (
 )
 
 from .packing import PackedCollator, packed_model_inputs, packing_blocker, shared_prefix_length
+from .preference import (
+    PairCollator,
+    PreferenceLoss,
+    add_reference_logps,
+    evaluate_pairs,
+    load_pairs,
+    preference_loss,
+    tokenize_pairs,
+)
 from .settings import TrainSettings
 from .tasks import TaskDeltas, data_files, hold_out, split_data, task_names
 
@@ -121,8 +136,9 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], subset: 
 
 def evaluate(model, tokenizer, examples: list[Example], features, settings: TrainSettings,
              tasks: "TaskDeltas | None" = None) -> Evaluation:
-    """Held-out loss and exact match; with several tasks, each task's with its own delta
-    selected, and their means."""
+    """Held-out loss and exact match (of every answer trained: with ``train_on`` other than
+    ``last``, each assistant turn of a conversation is generated after the reference turns
+    before it); with several tasks, each task's with its own delta selected, and their means."""
     if tasks is None or not tasks.names:
         return _evaluate_one(model, tokenizer, examples, features, settings)
     per_task = {}
@@ -142,10 +158,12 @@ def evaluate(model, tokenizer, examples: list[Example], features, settings: Trai
 
 def _evaluate_one(model, tokenizer, examples: list[Example], features, settings: TrainSettings) -> Evaluation:
     loss = held_out_loss(model, tokenizer, features)
+    if settings.train_on != "last":  # every answer trained is scored: one prompt per turn, the reference history before it
+        examples = [turn for example in examples for turn in example.turns()]
     chosen = examples[: settings.eval_limit] if settings.eval_limit else examples
     score = None
     samples: list[dict[str, str]] = []
-    if all(e.completion for e in chosen):
+    if chosen and all(e.completion for e in chosen):
         prompts = [build_prompt(tokenizer, e) for e in chosen]
         predictions = generate_completions(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens)
         score = exact_match(predictions, [e.completion for e in chosen])
@@ -196,7 +214,11 @@ class LanguageModeling:
         self.subset = _keeps_logits_subset(model)
 
     def features(self, tokenizer, examples: list[Example], what: str) -> list[dict]:
-        return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.completion_only)
+        return tokenize_examples(tokenizer, examples, self.settings.max_length, self.settings.train_on)
+
+    def tokens(self, feature: dict) -> int:
+        """The tokens a feature feeds the model (for the run's tokens per second)."""
+        return len(feature["input_ids"])
 
     def collator(self, tokenizer) -> Callable:
         return self.packed or PadCollator(tokenizer.pad_token_id)
@@ -321,6 +343,9 @@ class LabelledTask:
         check_labels(self.head, examples, what)
         return tokenize_labelled(tokenizer, self.head, examples, self.settings.max_length)
 
+    def tokens(self, feature: dict) -> int:
+        return len(feature["input_ids"])
+
     def collator(self, tokenizer) -> Callable:
         return LabelledCollator(tokenizer.pad_token_id, self.head.task)
 
@@ -354,6 +379,117 @@ class LabelledTask:
 
     def held_out_loss(self, model, tokenizer, features) -> float:
         return evaluate_task(model, self.head, features, self.collator(tokenizer)).loss
+
+
+class PreferenceTuning(LanguageModeling):
+    """What ``deltatune train --objective dpo|orpo|simpo`` optimises: the preference loss of
+    :mod:`.preference` on pairs of answers, the reference log-probs (DPO) from the base with its
+    deltas off, computed once when the pairs are tokenised; evaluation by held-out reward
+    accuracy, reward margin, loss, and the exact match of greedy answers with the chosen ones."""
+
+    def __init__(self, settings: TrainSettings):
+        super().__init__(settings)
+        self.preference = PreferenceLoss.of(settings.objective, settings.beta, settings.odds_ratio_weight,
+                                            settings.reward_margin)
+        self.model: nn.Module | None = None
+        self.packing_note = "padded (preference pairs: each answer's log-probability is summed over its own row)"
+
+    def split(self) -> tuple[list, list]:
+        s = self.settings
+        if s.data is None:
+            return load_pairs(preference_data_path("train")), load_pairs(preference_data_path("test"))
+        files = data_files(s.data)
+        train = [p for path in files for p in load_pairs(path, task_field=s.task_field,
+                                                         default_task=Path(path).stem if len(files) > 1 else None)]
+        tasks = task_names(train)
+        if s.eval_data is not None:
+            held = [p for path in data_files(s.eval_data)
+                    for p in load_pairs(path, task_field=s.task_field, default_task=tasks[0] if len(tasks) == 1 else None)]
+            return train, held
+        if not tasks:
+            return hold_out(train, s, ", ".join(files))
+        parts = [hold_out([p for p in train if p.task == task], s, f"task {task!r}") for task in tasks]
+        return [p for kept, _ in parts for p in kept], [p for _, held in parts for p in held]
+
+    def attached(self, model: nn.Module, names: list[str]) -> None:
+        super().attached(model, names)
+        self.model = model
+
+    def features(self, tokenizer, pairs: list, what: str) -> list[dict]:
+        features = tokenize_pairs(tokenizer, pairs, self.settings.max_length)
+        if self.preference.needs_reference:
+            add_reference_logps(self.model, features, self.collator(tokenizer), self.subset)
+        return features
+
+    def tokens(self, feature: dict) -> int:
+        return len(feature["input_ids"]) + len(feature["rejected_input_ids"])
+
+    def collator(self, tokenizer) -> Callable:
+        return PairCollator(tokenizer.pad_token_id)
+
+    def choose_layout(self, model, tokenizer, features, tasks, device) -> str:
+        return self.packing_note
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return preference_loss(model, batch, self.preference, self.subset)[0].mean()
+
+    def loss_terms(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """How many values the batch's mean loss averages: its pairs."""
+        return batch["input_ids"].shape[0]
+
+    def evaluate(self, model, tokenizer, pairs, features, task_deltas: "TaskDeltas") -> Evaluation:
+        if not task_deltas.names:
+            return self._evaluate_one(model, tokenizer, pairs, features)
+        per_task = {}
+        for task in task_deltas.names:
+            task_deltas.select(model, task)
+            per_task[task] = self._evaluate_one(model, tokenizer, [p for p in pairs if p.task == task],
+                                                [f for f in features if f.get("task") == task])
+        task_deltas.select_all(model)
+        metrics = {name: sum(r.metrics[name] for r in per_task.values()) / len(per_task)
+                   for name in next(iter(per_task.values())).metrics}
+        return Evaluation(exact_match=None, loss=sum(r.loss for r in per_task.values()) / len(per_task),
+                          samples=[{"task": t, **sample} for t, r in per_task.items() for sample in r.samples],
+                          per_task={t: {"exact_match": r.metrics.get("exact_match_with_chosen"), "loss": r.loss}
+                                    for t, r in per_task.items()},
+                          metrics=metrics)
+
+    def _evaluate_one(self, model, tokenizer, pairs, features) -> Evaluation:
+        s = self.settings
+        metrics, loss, samples = evaluate_pairs(model, tokenizer, pairs, features, self.preference,
+                                                self.collator(tokenizer), self.subset, max_new_tokens=s.max_new_tokens,
+                                                eval_limit=s.eval_limit, samples=s.samples)
+        return Evaluation(exact_match=None, loss=loss, samples=samples, metrics=metrics)
+
+    def held_out_loss(self, model, tokenizer, features) -> float:
+        collate = self.collator(tokenizer)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                losses = [preference_loss(model, {k: v.to(device) for k, v in collate(features[i : i + 16]).items()},
+                                          self.preference, self.subset)[0] for i in range(0, len(features), 16)]
+        finally:
+            model.train(was_training)
+        return float(torch.cat(losses).mean())
+
+
+def objective_for(settings: TrainSettings):
+    """The objective of a run: a task head's (``--task``), preferences (``--objective dpo|orpo|simpo``)
+    or language modelling."""
+    if settings.task is not None:
+        return LabelledTask(settings)
+    if settings.objective != "sft":
+        return PreferenceTuning(settings)
+    return LanguageModeling(settings)
+
+
+def preference_data_path(split: str) -> Path:
+    """The bundled preference pairs (``scripts/make_preference_data.py``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("deltatune") / "data" / "preference" / f"{split}.jsonl"))
 
 
 def encoder_data_path(task: str, split: str) -> Path:

@@ -16,6 +16,8 @@ from ..heads import TASKS
 from ..precision import PRECISIONS
 from ..quant import check_scheme
 from .attention_choice import ATTENTION_CHOICES
+from .data import TRAIN_ON
+from .preference import PREFERENCE_OBJECTIVES, PreferenceLoss
 from .optim import check_optimizer
 
 
@@ -50,7 +52,11 @@ class TrainSettings:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
-    completion_only: bool = True
+    train_on: str = "assistant"  # assistant | last | all: which tokens of a conversation train (train/data.py)
+    objective: str = "sft"  # sft (language modelling on the answers) | dpo | orpo | simpo (train/preference.py)
+    beta: float | None = None  # DPO's and SimPO's beta (default 0.1 and 2.0)
+    odds_ratio_weight: float | None = None  # ORPO's lambda (default 0.1)
+    reward_margin: float | None = None  # SimPO's gamma (default 1.0)
     group_by_length: bool = True
     gradient_checkpointing: bool = False
     quantize: str | None = None  # nf4 | fp4 | int8: train on a quantized base (QLoRA with nf4)
@@ -83,6 +89,18 @@ class TrainSettings:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value!r}")
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("train_on", self.train_on, TRAIN_ON)
+        check_choice("objective", self.objective, ("sft", *PREFERENCE_OBJECTIVES))
+        if self.objective == "sft":
+            given = [name for name in ("beta", "odds_ratio_weight", "reward_margin") if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} set, but they belong to a preference objective; "
+                                  f"add --objective {' | '.join(PREFERENCE_OBJECTIVES)}")
+        else:
+            if self.task is not None:
+                raise ConfigError(f"--objective {self.objective} tunes a language model on preference pairs; "
+                                  f"it does not combine with --task {self.task}")
+            PreferenceLoss.of(self.objective, self.beta, self.odds_ratio_weight, self.reward_margin)
         check_choice("attention", self.attention, ATTENTION_CHOICES)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")

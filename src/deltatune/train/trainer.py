@@ -65,7 +65,7 @@ from .compiled import compile_blocks
 from .data import batch_indices
 from .distributed import (average_gradients, broadcast_from_main, deepspeed_config, distributed_state,
                           frozen_values, loss_weight, make_accelerator, mean_over_ranks, rank_share, shard_model)
-from .objectives import Evaluation, LabelledTask, LanguageModeling, describe, two_pass_loss
+from .objectives import Evaluation, describe, objective_for, two_pass_loss
 from .optim import OptimizerFallbackWarning, make_optimizer
 from .settings import TrainSettings, resumed_settings
 from .tasks import TaskDeltas, attach_for_tasks, task_names
@@ -124,7 +124,7 @@ class RunState:
     """What the three phases of one run (set-up, train loop, finish) share."""
 
     accelerator: Any
-    objective: Any  # LanguageModeling or LabelledTask
+    objective: Any  # LanguageModeling, LabelledTask or PreferenceTuning (objectives.py)
     log: Callable[[str], None]
     main: bool  # the main process: it evaluates, prints and writes files
     started: float
@@ -205,7 +205,7 @@ class Trainer:
         from transformers import get_scheduler
 
         s = self.settings
-        objective = LabelledTask(s) if s.task is not None else LanguageModeling(s)
+        objective = objective_for(s)
         started = time.perf_counter()
         state = distributed_state()
         main, device = state.is_main_process, state.device
@@ -349,7 +349,7 @@ class Trainer:
                         else:
                             loss, agreement = run.objective.loss(model, batch), 0.0
                     accelerator.backward((weight * (loss + agreement) + training_penalty(plain_model, self.names)) / s.grad_accum)
-                    run.tokens_seen += sum(len(f["input_ids"]) for f in chosen)
+                    run.tokens_seen += sum(run.objective.tokens(f) for f in chosen)
                     global_loss = mean_over_ranks(weight * loss.item(), accelerator)
                     smoothed = global_loss if smoothed is None else 0.9 * smoothed + 0.1 * global_loss
                     step_loss += global_loss / s.grad_accum
