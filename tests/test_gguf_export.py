@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
 import deltatune as dt
@@ -16,15 +15,11 @@ from deltatune.cli.main import app
 from deltatune.errors import CheckpointError
 from deltatune.models import load_model_and_tokenizer
 from deltatune.gguf_format import OLLAMA_CHATML, export, modelfile, ollama_template, write_adapter, write_model
-from zoo import _config, tiny_inputs
+from tiny_hub import BPE_MODEL_VOCAB as VOCAB, CHAT_TEMPLATE as CHATML, tiny_bpe_tokenizer, tiny_lm, trained_lora
+from zoo import tiny_inputs
 
 gguf = pytest.importorskip("gguf")
 
-CHATML = (
-    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-VOCAB = 320  # the tokenizer's 300 tokens and 20 rows of padding, written as unused tokens
 #: largest logit difference to the merged model per tensor type, relative to the largest logit
 TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 2e-2, "q8_0": 5e-2}
 TEXT = "The date 2024-03-05, hello world!"
@@ -32,39 +27,7 @@ TEXT = "The date 2024-03-05, hello world!"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE tokenizer (the kind GPT-2, Llama 3, Qwen and SmolLM have) with ChatML."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    corpus = ["The date 2024-03-05 is the fifth of March.", "Hello world, hello deltatune! 12 34 567"] * 20
-    core.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                      pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    return fast
-
-
-def tiny_lm(arch: str, seed: int = 0):
-    model_class, config = _config(arch)
-    config.vocab_size = VOCAB
-    if arch == "gpt2":
-        # transformers' GGUF reader takes GPT-2's positions and MLP width from its defaults, not the file
-        config.n_positions, config.n_inner = 1024, None
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return model_class(config).eval()
-
-
-def trained_lora(model, **options):
-    dt.attach(model, dt.config("lora", r=4, alpha=8, **options))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.1)  # B is zero at init: give the delta something to say
-    return model
+    return tiny_bpe_tokenizer()
 
 
 def read_back(directory, file_name):
@@ -142,7 +105,7 @@ def test_adapter_refuses_what_llama_cpp_cannot_add(tmp_path):
 def test_unsupported_architecture_and_tokenizer_are_named(tokenizer, tmp_path):
     from zoo import tiny_model
 
-    with pytest.raises(CheckpointError, match="deltatune writes GGUF for gpt2, llama, mistral, qwen2, not 'opt'"):
+    with pytest.raises(CheckpointError, match="deltatune writes GGUF for bloom, .*, qwen2, not 'opt'.*convert_hf_to_gguf"):
         write_model(tiny_model("opt"), tmp_path / "m.gguf")
     from tiny_hub import tiny_tokenizer
 

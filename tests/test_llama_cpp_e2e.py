@@ -1,6 +1,9 @@
-"""The bundled model trained on the demo task, exported to GGUF and run by llama.cpp itself.
+"""What deltatune writes as GGUF, run by llama.cpp itself.
 
-llama.cpp (through llama-cpp-python, the `deploy` extra) decodes greedily the first 20
+Every architecture deltatune writes: a tiny random model's logits under llama.cpp equal
+transformers', for the model file and with a LoRA adapter applied at run time (seconds).
+
+The bundled model trained on the demo task (slow): llama.cpp (through llama-cpp-python, the `deploy` extra) decodes greedily the first 20
 held-out prompts, with the merged model and with the base model plus the LoRA adapter, and
 must give the answers the trained model gives in deltatune on at least 19 of them. The
 prompts are tokenized by llama.cpp from the GGUF's own vocabulary, and that tokenization is
@@ -14,14 +17,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import deltatune as dt
 from deltatune.cli.main import app
+from deltatune.gguf_format import LAYOUTS, write_adapter, write_model
+from tiny_hub import tiny_bpe_tokenizer, tiny_lm, trained_lora
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (pip install 'deltatune[deploy]') runs the GGUF")
 
 PROMPTS = 20
+#: llama.cpp against transformers, relative to the largest logit: its kernels round differently
+#: (f16 key/value cache), and the adapter's product adds its own rounding
+LOGIT_TOLERANCE = {"model": 1e-3, "adapter": 5e-3}
+
+
+@pytest.mark.parametrize("arch", sorted(LAYOUTS))
+def test_llama_cpp_computes_the_models_logits(arch, tmp_path):
+    model = trained_lora(tiny_lm(arch), rank_pattern={"ffn.down": 2})
+    tokenizer = tiny_bpe_tokenizer()
+    ids = tokenizer("The date 2024-03-05 is the fifth of March.")["input_ids"]
+    write_adapter(model, tmp_path / "adapter.gguf", "default")
+    with torch.no_grad():
+        adapted = model(torch.tensor([ids])).logits[0].numpy()
+        with dt.disabled(model):
+            base = model(torch.tensor([ids])).logits[0].numpy()
+    dt.detach(model)
+    write_model(model, tmp_path / "base.gguf", tokenizer, tensor_type="f32")
+    for kind, lora, expected in (("model", None, base), ("adapter", tmp_path / "adapter.gguf", adapted)):
+        llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(lora) if lora else None, n_ctx=64,
+                              n_threads=1, logits_all=True, verbose=False)
+        assert llm.tokenize(b"The date 2024-03-05 is the fifth of March.", add_bos=False) == ids
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)])
+        assert np.abs(got - expected).max() <= LOGIT_TOLERANCE[kind] * np.abs(expected).max(), kind
 MAX_NEW_TOKENS = 24
 
 

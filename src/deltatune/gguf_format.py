@@ -9,6 +9,9 @@ from transformers' and are converted here, as llama.cpp's converter does:
 * Llama-style rotary attention: llama.cpp rotates interleaved pairs, transformers rotates the two
   halves of each head, so the rows of the query and key projections are permuted per head;
 * GPT-2's ``Conv1D`` stores its weight as (in, out): transposed to (out, in);
+* fused query/key/value projections (GPT-NeoX, BLOOM, Falcon) interleave heads or groups: their
+  rows are regrouped into all queries, then keys, then values;
+* Gemma's norms scale by ``1 + w`` in transformers and by ``w`` in llama.cpp: written as ``1 + w``;
 * tied output embeddings are written once (llama.cpp reuses ``token_embd`` for the output).
 
 A LoRA adapter file (``general.type = "adapter"``, ``adapter.type = "lora"``) holds, for each
@@ -82,8 +85,8 @@ def _check_activation(config, field: str, allowed: tuple[str, ...]) -> None:
         )
 
 
-def _llama_hyperparameters(writer, config) -> None:
-    _check_activation(config, "hidden_act", ("silu",))
+def _llama_hyperparameters(writer, config, activations: tuple[str, ...] = ("silu",)) -> None:
+    _check_activation(config, "hidden_act", activations)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings and getattr(config, "use_sliding_window", True):
@@ -130,6 +133,100 @@ def _llama_rows(gguf_name: str, weight: Tensor, config) -> Tensor:
     return weight
 
 
+def _gemma_hyperparameters(writer, config) -> None:
+    _llama_hyperparameters(writer, config, ("gelu_pytorch_tanh", "gelu_new"))
+
+
+def _phi_hyperparameters(writer, config) -> None:
+    _check_activation(config, "hidden_act", ("gelu_new", "gelu_pytorch_tanh"))
+    rope = getattr(config, "rope_parameters", None) or {}
+    head_dim = config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_layer_norm_eps(config.layer_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) * head_dim))
+
+
+def _gpt_neox_hyperparameters(writer, config) -> None:
+    _check_activation(config, "hidden_act", ("gelu", "gelu_new", "gelu_pytorch_tanh"))
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * config.hidden_size // config.num_attention_heads))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_parallel_residual(config.use_parallel_residual)
+    writer.add_layer_norm_eps(config.layer_norm_eps)
+
+
+def _bloom_hyperparameters(writer, config) -> None:
+    if config.apply_residual_connection_post_layernorm:
+        raise CheckpointError("apply_residual_connection_post_layernorm=True: llama.cpp's BLOOM adds the residual before the norm")
+    writer.add_context_length(2048)  # ALiBi has no trained length to record; BLOOM trained on 2048
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(4 * config.hidden_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+
+def _falcon_kv_heads(config) -> int:
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    if config.multi_query:
+        return 1
+    raise CheckpointError("Falcon without multi-query or grouped attention (Falcon-RW) is not written to GGUF by deltatune")
+
+
+def _falcon_hyperparameters(writer, config) -> None:
+    _check_activation(config, "activation", ("gelu",))
+    if config.alibi:
+        raise CheckpointError("alibi=True: llama.cpp's Falcon uses rotary positions")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.ffn_hidden_size or 4 * config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(_falcon_kv_heads(config))
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_rope_freq_base(_rope_theta(config))
+
+
+def _is_qkv(gguf_name: str) -> bool:
+    return gguf_name.endswith(("attn_qkv.weight", "attn_qkv.bias"))
+
+
+def _per_head_qkv_rows(gguf_name: str, weight: Tensor, config) -> Tensor:
+    """GPT-NeoX's and BLOOM's fused projection holds q, k, v per head; llama.cpp wants all q, then k, then v."""
+    if not _is_qkv(gguf_name):
+        return weight
+    heads = config.num_attention_heads
+    return weight.reshape(heads, 3, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+
+
+def _falcon_rows(gguf_name: str, weight: Tensor, config) -> Tensor:
+    """Falcon's fused projection holds, per key/value group, its queries then one key and one value."""
+    if not _is_qkv(gguf_name):
+        return weight
+    groups = _falcon_kv_heads(config)
+    grouped = weight.reshape(groups, config.num_attention_heads // groups + 2, -1, *weight.shape[1:])
+    parts = (grouped[:, :-2], grouped[:, -2:-1], grouped[:, -1:])
+    return torch.cat([part.reshape(-1, *weight.shape[1:]) for part in parts]).reshape(weight.shape)
+
+
+def _gemma_rows(gguf_name: str, weight: Tensor, config) -> Tensor:
+    # transformers' Gemma norms scale by (1 + w), llama.cpp's by w
+    return weight + 1 if gguf_name.endswith("_norm.weight") else weight
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one transformers architecture is written for llama.cpp."""
@@ -146,6 +243,11 @@ LAYOUTS: dict[str, Layout] = {
     "mistral": Layout("LLAMA", _llama_hyperparameters, _llama_rows),
     "qwen2": Layout("QWEN2", _llama_hyperparameters),
     "gpt2": Layout("GPT2", _gpt2_hyperparameters),
+    "gemma": Layout("GEMMA", _gemma_hyperparameters, _gemma_rows),
+    "phi": Layout("PHI2", _phi_hyperparameters),
+    "gpt_neox": Layout("GPTNEOX", _gpt_neox_hyperparameters, _per_head_qkv_rows),
+    "bloom": Layout("BLOOM", _bloom_hyperparameters, _per_head_qkv_rows),
+    "falcon": Layout("FALCON", _falcon_hyperparameters, _falcon_rows),
 }
 
 
@@ -175,6 +277,16 @@ def _name_map(model: nn.Module, layout: Layout):
     return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch), model.config.num_hidden_layers)
 
 
+def _gguf_name(name_map, model: nn.Module, path: str) -> str | None:
+    """llama.cpp's name for the module at ``path``; the table knows some modules (BLOOM's) only
+    by their path inside the base model, without the head model's prefix (``transformer.``)."""
+    found = name_map.get_name(path)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    if found is None and prefix != "." and path.startswith(prefix):
+        found = name_map.get_name(path.removeprefix(prefix))
+    return found
+
+
 def _tied_output(model: nn.Module) -> nn.Module | None:
     """The output head when it shares the input embedding's weight (written once, as token_embd)."""
     output = model.get_output_embeddings()
@@ -193,7 +305,7 @@ def _tensor_names(model: nn.Module, layout: Layout) -> dict[str, _Named]:
         path, _, parameter = key.rpartition(".")
         if tied and modules.get(path) is output:
             continue
-        target = name_map.get_name(path)
+        target = _gguf_name(name_map, model, path)
         if target is None:
             unmapped.append(key)
             continue
@@ -410,7 +522,7 @@ def write_adapter(model: nn.Module, path: str | Path, name: str, *, tensor_type:
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     with torch.no_grad():
         for module_path, (a, b, s) in factors.items():
-            target = name_map.get_name(module_path)
+            target = _gguf_name(name_map, model, module_path)
             if target is None:
                 raise CheckpointError(f"{module_path} has no weight in llama.cpp's {layout.arch} model file")
             weight = f"{target}.weight"
