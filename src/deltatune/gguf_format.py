@@ -32,10 +32,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from torch import Tensor, nn
 
 from .anatomy import check_model
-from .api import deltas, merge_and_detach
+from .api import deltas, detach, merge_and_detach
 from .backends import backend_for
 from .errors import CheckpointError
 from .layer import delta_layers
@@ -268,7 +269,6 @@ def layout_for(model: nn.Module) -> Layout:
 @dataclass
 class _Named:
     gguf_name: str
-    path: str  #: the module path in the transformers model
     transposed: bool  #: stored as (in, out) by the module (GPT-2's Conv1D)
 
 
@@ -310,7 +310,7 @@ def _tensor_names(model: nn.Module, layout: Layout) -> dict[str, _Named]:
             unmapped.append(key)
             continue
         backend = backend_for(modules[path])
-        names[key] = _Named(f"{target}.{parameter}", path, backend is not None and backend.kind == "conv1d" and parameter == "weight")
+        names[key] = _Named(f"{target}.{parameter}", backend is not None and backend.kind == "conv1d" and parameter == "weight")
     if unmapped:
         raise CheckpointError(
             f"llama.cpp's {layout.arch} architecture has no tensor for {', '.join(unmapped[:5])}"
@@ -565,7 +565,7 @@ def ollama_template(tokenizer) -> tuple[str | None, str | None]:
     render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
     try:
         with_system, without_system = render(_PROBE), render(_PROBE[1:])
-    except Exception:  # a template that cannot render these turns is not ChatML
+    except (TemplateError, ValueError):  # a template that refuses these turns (a system turn, say) is not ChatML
         return None, None
     if with_system != _chatml(_PROBE):
         return None, None
@@ -613,8 +613,6 @@ def export(model: nn.Module, tokenizer, directory: str | Path, *, tensor_type: s
         if len(names) != 1:
             raise CheckpointError(f"an adapter file holds one delta; this model has {len(names)} ({', '.join(names)})")
         written = [write_adapter(model, directory / ADAPTER_FILE, names[0])]
-        from .api import detach
-
         detach(model)
         written.insert(0, write_model(model, directory / BASE_FILE, tokenizer, tensor_type=tensor_type, name=name))
         text = modelfile(BASE_FILE, tokenizer, ADAPTER_FILE)
