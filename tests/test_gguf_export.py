@@ -4,6 +4,10 @@ writes the files and an Ollama Modelfile."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +18,7 @@ import deltatune as dt
 from deltatune.cli.main import app
 from deltatune.errors import CheckpointError
 from deltatune.models import load_model_and_tokenizer
-from deltatune.gguf_format import OLLAMA_CHATML, export, modelfile, ollama_template, write_adapter, write_model
+from deltatune.gguf_format import OLLAMA_CHATML, chatml, export, modelfile, ollama_template, write_adapter, write_model
 from tiny_hub import BPE_MODEL_VOCAB as VOCAB, CHAT_TEMPLATE as CHATML, tiny_bpe_tokenizer, tiny_lm, trained_lora
 from zoo import tiny_inputs
 
@@ -163,3 +167,42 @@ def test_cli_export_gguf_with_a_bpe_model(tmp_path, tokenizer):
         assert result.exit_code == 0, result.output
         assert {p.name for p in out.iterdir()} == files
         assert (out / "Modelfile").read_text().startswith(f"FROM ./{'base' if extra else 'model'}.gguf\n")
+
+
+GO_RENDER = """package main
+
+import (
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	text, _ := os.ReadFile(os.Args[1])
+	messages := []Message{}
+	for i := 3; i+1 < len(os.Args); i += 2 {
+		messages = append(messages, Message{os.Args[i], os.Args[i+1]})
+	}
+	data := map[string]interface{}{"System": os.Args[2], "Messages": messages}
+	if err := template.Must(template.New("m").Parse(string(text))).Execute(os.Stdout, data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go's text/template (Ollama's template engine) needs a Go toolchain")
+def test_ollama_template_renders_chatml_under_go_text_template(tmp_path):
+    """The Modelfile's TEMPLATE, executed by Go's text/template with the variables Ollama passes
+    (.System and .Messages with .Role, .Content), renders what the Jinja ChatML template renders."""
+    (tmp_path / "template.txt").write_text(OLLAMA_CHATML)
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    turns = [("user", "USER-TEXT"), ("assistant", "ASSISTANT-TEXT"), ("user", "SECOND-USER-TEXT")]
+    for system in ("SYSTEM-TEXT", ""):
+        messages = ([("system", system)] if system else []) + turns
+        rendered = subprocess.run(
+            ["go", "run", "render.go", "template.txt", system, *[part for turn in messages for part in turn]],
+            cwd=tmp_path, capture_output=True, text=True, check=True, env={**os.environ, "GO111MODULE": "off"},
+        ).stdout
+        assert rendered == chatml([{"role": r, "content": c} for r, c in messages])

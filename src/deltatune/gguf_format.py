@@ -553,7 +553,8 @@ OLLAMA_CHATML = (
 )
 
 
-def _chatml(messages: list[dict[str, str]]) -> str:
+def chatml(messages: list[dict[str, str]]) -> str:
+    """``messages`` in ChatML, opening the assistant's turn."""
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
 
 
@@ -567,12 +568,12 @@ def ollama_template(tokenizer) -> tuple[str | None, str | None]:
         with_system, without_system = render(_PROBE), render(_PROBE[1:])
     except (TemplateError, ValueError):  # a template that refuses these turns (a system turn, say) is not ChatML
         return None, None
-    if with_system != _chatml(_PROBE):
+    if with_system != chatml(_PROBE):
         return None, None
-    if without_system == _chatml(_PROBE[1:]):
+    if without_system == chatml(_PROBE[1:]):
         return OLLAMA_CHATML, None
-    default = re.fullmatch(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n", without_system[: -len(_chatml(_PROBE[1:]))], re.S)
-    if default is None or without_system[default.end():] != _chatml(_PROBE[1:]):
+    default = re.fullmatch(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n", without_system[: -len(chatml(_PROBE[1:]))], re.S)
+    if default is None or without_system[default.end():] != chatml(_PROBE[1:]):
         return None, None
     return OLLAMA_CHATML, default.group(1)
 
