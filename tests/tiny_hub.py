@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -66,3 +66,50 @@ def save_tiny_encoder(directory: Path, words: set[str], seed: int = 0, hidden: i
     tf.BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+#: rows of a model using tiny_bpe_tokenizer: its 300 tokens and 20 of padding (written to GGUF as unused tokens)
+BPE_MODEL_VOCAB = 320
+
+
+def tiny_bpe_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the kind GPT-2, Llama 3, Qwen and SmolLM have) of 300 tokens,
+    trained on two sentences, with the ChatML template."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = ["The date 2024-03-05 is the fifth of March.", "Hello world, hello deltatune! 12 34 567"] * 20
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                           pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_lm(arch: str, seed: int = 0):
+    """The zoo's tiny causal LM of ``arch`` with :func:`tiny_bpe_tokenizer`'s vocabulary and room to spare."""
+    from zoo import _config
+
+    model_class, config = _config(arch)
+    config.vocab_size = BPE_MODEL_VOCAB
+    if arch == "gpt2":
+        # transformers' GGUF reader takes GPT-2's positions and MLP width from its defaults, not the file
+        config.n_positions, config.n_inner = 1024, None
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def trained_lora(model, **options):
+    """``model`` with a LoRA delta (r=4, alpha=8 unless ``options`` say otherwise) of random weights."""
+    import deltatune as dt
+
+    dt.attach(model, dt.config("lora", **{"r": 4, "alpha": 8, **options}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)  # B is zero at init: give the delta something to say
+    return model

@@ -318,19 +318,54 @@ def merge(
 def export(
     delta: Path = typer.Option(..., help="a saved delta directory (deltatune's format or PEFT's)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory to write"),
-    format: str = typer.Option("peft", help="peft (adapter_config.json + adapter_model.safetensors) or deltatune"),
+    format: str = typer.Option("peft", help="peft (adapter_config.json + adapter_model.safetensors), deltatune, or gguf (llama.cpp / Ollama: the merged model.gguf and a Modelfile)"),
+    target: Optional[str] = typer.Option(None, help="with --format peft: vllm | sglang, check that the engine serves the adapter, and fail before writing if not"),
+    gguf_type: str = typer.Option("f16", help="with --format gguf: the weights' type, f32 | f16 | bf16 | q8_0"),
+    adapter: bool = typer.Option(False, "--adapter", help="with --format gguf: a LoRA delta as llama.cpp adapter.gguf (llama.cpp --lora, Ollama ADAPTER) plus the base.gguf it applies to, instead of the merged model"),
     model: Optional[str] = ModelOpt,
     overwrite: bool = OverwriteOpt,
 ):
     """Convert a saved delta to another checkpoint format; the base model supplies the layer
-    kinds and biases the conversion needs."""
+    kinds and biases the conversion needs. ``--format gguf`` writes the model for llama.cpp and
+    Ollama; ``--target`` checks a PEFT adapter against a serving engine's rules."""
     from ..config import check_choice
+    from ..errors import ConfigError
     from ..io import FORMATS, save
+    from ..models import DEFAULT_MODEL
     from ..outputs import write_directory_atomically
 
-    check_choice("format", format, FORMATS)
+    check_choice("format", format, (*FORMATS, "gguf"))
+    if target is not None and format != "peft":
+        raise ConfigError(f"--target checks a PEFT adapter; it needs --format peft, not {format!r}")
+    if format != "gguf" and (adapter or gguf_type != "f16"):
+        raise ConfigError("--adapter and --gguf-type go with --format gguf")
+    if format == "gguf":
+        from ..gguf_format import TENSOR_TYPES
+
+        check_choice("gguf-type", gguf_type, tuple(TENSOR_TYPES))
+    if target is not None:
+        from ..serving import ENGINES
+
+        check_choice("target", target, ENGINES)
     _check_output(output, model, delta, overwrite)
-    base, _ = _load_with_delta(model, delta)
+    base, tokenizer = _load_with_delta(model, delta)
+    if format == "gguf":
+        from ..gguf_format import export as export_gguf
+
+        write_directory_atomically(output, lambda directory: export_gguf(
+            base, tokenizer, directory, tensor_type=gguf_type, adapter=adapter, name=model or DEFAULT_MODEL))
+        written = "base.gguf + adapter.gguf" if adapter else "model.gguf"
+        console.print(f"{written} ({gguf_type}) and an Ollama Modelfile written to {output}")
+        return
+    if target is not None:
+        from ..serving import save_for, serve_rank
+        from ..peft_format import CONFIG_FILE
+
+        write_directory_atomically(output, lambda directory: save_for(target, base, directory))
+        config = json.loads(next(output.rglob(CONFIG_FILE)).read_text())
+        hint = f" (serve with --max-lora-rank {serve_rank(config)})" if target == "vllm" else ""
+        console.print(f"PEFT adapter for {target} written to {output}{hint}")
+        return
     write_directory_atomically(output, lambda directory: save(base, directory, format=format))
     console.print(f"{format} checkpoint written to {output}")
 
