@@ -134,22 +134,26 @@ class Engine:
 
     ``mixed=False`` serves one delta at a time (a batch holds only sequences of one delta; when
     it empties the delta of the oldest waiting request goes next): what serving without
-    mixed batches does, kept for comparison. Limits: ``max_batch`` running sequences,
+    mixed batches does, kept for comparison. ``gather_ms``: when a request finds the engine idle,
+    wait up to that long for more to arrive, so a burst starts as one batch. Limits: ``max_batch`` running sequences,
     ``max_waiting`` queued ones (more are refused with 503), ``max_deltas`` deltas holding at
     most ``max_delta_bytes`` of parameters together.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, base_name: str, mixed: bool = True,
                  max_batch: int = 32, max_waiting: int = 256, max_deltas: int = 64,
-                 max_delta_bytes: int = 2 * 2**30):
+                 max_delta_bytes: int = 2 * 2**30, gather_ms: float = 0.0):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        #: held around every use of the tokenizer: a fast tokenizer is not safe from two threads at once
+        self.tokenizer_lock = threading.Lock()
         self.base_name = base_name
         self.mixed = mixed
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_deltas, self.max_delta_bytes = max_deltas, max_delta_bytes
+        self.gather_seconds = gather_ms / 1000
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
@@ -292,6 +296,11 @@ class Engine:
                     self._lock.wait()
                 if self._stopping:
                     break
+                if self.gather_seconds and not self._running and not self._admin:
+                    deadline = time.monotonic() + self.gather_seconds
+                    while (len(self._waiting) < self.max_batch and not self._stopping
+                           and (left := deadline - time.monotonic()) > 0):
+                        self._lock.wait(left)
             self.step()
         failed = self._running + list(self._waiting)
         self._running, self._waiting = [], deque()
@@ -438,7 +447,8 @@ class Engine:
             return self._finish(sequence, "stop")
         sequence.tokens.append(token)
         self.stats.generated_tokens += 1
-        text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
         stops = [i for i in (text.find(s) for s in sequence.sampling.stop) if i >= 0]
         if stops:
             sequence.text = text[:min(stops)]
