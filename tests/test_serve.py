@@ -86,7 +86,7 @@ def engine_with(tiny_dir, delta_dirs, **options) -> Engine:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, delta_dirs):
-    engine = engine_with(tiny_dir, delta_dirs, max_deltas=4, gather_ms=300)
+    engine = engine_with(tiny_dir, delta_dirs, max_deltas=4, gather_ms=150)
     server, thread, url = start(engine, api_key=KEY, allow_admin=True)
     yield url
     server.should_exit = True

@@ -2,7 +2,8 @@
 
 One loop decodes every running sequence in one batch, whichever delta each one asked for
 (:func:`deltatune.route` picks each row's delta; plain LoRA deltas run as one gathered product
-per layer). Between two decode steps finished sequences leave the batch and waiting ones join:
+per layer; a batch whose rows all want one delta runs with it activated instead, its fastest
+path and the one ``deltatune generate`` takes). Between two decode steps finished sequences leave the batch and waiting ones join:
 
 * the batch keeps one transformers ``DynamicCache``, **left-padded**: row b's keys and values
   sit at the right end of the time axis, ``mask[b]`` marks which columns are real, and each
@@ -27,6 +28,7 @@ thread (:meth:`Engine.run`); :meth:`Engine.submit` and the admin calls are safe 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -39,7 +41,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..api import deactivate, delete, route
+from ..api import activate, deactivate, delete, route
 from ..errors import CheckpointError, ConfigError, DeltatuneError
 from ..io import load
 from ..layer import delta_layers
@@ -174,6 +176,7 @@ class Engine:
         self._lengths: torch.Tensor | None = None
         self._check_cache_kind()
         deactivate(self.model)
+        self._active: str | None = None  # the delta activated for batches of one delta
 
     # --- requests (any thread) ------------------------------------------------------------------
 
@@ -261,12 +264,13 @@ class Engine:
             for loaded in names:
                 delete(self.model, loaded)
             raise
-        deactivate(self.model)
         with self._lock:
             self.deltas[name] = _Delta(str(path), size)
         return size
 
     def _unload(self, name: str) -> None:
+        if self._active == name:
+            self._use(None)
         delete(self.model, name)
         with self._lock:
             del self.deltas[name]
@@ -383,10 +387,24 @@ class Engine:
                               "batches models whose cache keeps every token (Llama, Qwen2, GPT-2, ...)")
 
     def _forward(self, names: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
-        with torch.no_grad(), route(self.model, names):
+        if len(set(names)) == 1:  # one delta for every row: activated, it takes its fastest path
+            self._use(names[0])
+            routing = contextlib.nullcontext()
+        else:
+            routing = route(self.model, names)
+        with torch.no_grad(), routing:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_keyword: cache})
         return out.logits[:, -1, :].float()
+
+    def _use(self, name: str | None) -> None:
+        """Make ``name`` the one active delta (None: none), if it is not already."""
+        if name != self._active:
+            if name is None:
+                deactivate(self.model)
+            else:
+                activate(self.model, name)
+            self._active = name
 
     def _prefill(self, joining: list[Sequence]) -> None:
         width = max(len(s.prompt) for s in joining)
