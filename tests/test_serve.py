@@ -16,6 +16,7 @@ import torch
 
 import deltatune as dt
 from deltatune.cli.main import _load_with_delta, _user_prompt, app as cli_app
+from deltatune.layer import delta_layers
 from deltatune.models import load_model_and_tokenizer
 from deltatune.train.data import encode_prompt
 from deltatune.train.evaluate import generate_completions
@@ -262,3 +263,28 @@ def test_serve_refuses_bad_options_in_one_line(args, message):
 
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_route_block_reuses_its_gathered_factors_only_without_gradients(tiny_dir, delta_dirs):
+    """The engine decodes many steps in one route() block: the gathered LoRA factors are kept
+    for the block's next forward when nothing needs gradients, and the answers stay exact."""
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    for name in ("lora-a", "lora-b"):
+        dt.load(model, delta_dirs[name], name, activate=False)
+    names = ["lora-a", "lora-b", None]
+    first, second = torch.randint(4, 90, (3, 5)), torch.randint(4, 90, (3, 5))
+    with torch.no_grad():
+        with dt.route(model, names):
+            routed = [model(first).logits, model(second).logits]
+            layer = next(l for l in delta_layers(model).values() if l.routing is not None)
+            assert layer.routing.gathered  # kept after the first forward
+        for ids, got in zip((first, second), routed):
+            for row, name in enumerate(names):
+                dt.activate(model, name) if name else dt.deactivate(model)
+                torch.testing.assert_close(got[row], model(ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-5)
+    dt.deactivate(model)
+    for p in dt.trainable_parameters(model, ["lora-a", "lora-b"]):
+        p.requires_grad_(True)
+    with dt.route(model, names):
+        model(first).logits.sum().backward()
+        assert not any(l.routing.gathered for l in delta_layers(model).values())

@@ -177,6 +177,8 @@ class Engine:
         self._check_cache_kind()
         deactivate(self.model)
         self._active: str | None = None  # the delta activated for batches of one delta
+        self._routing = contextlib.ExitStack()  # holds the route() of the rows decoding now, if mixed
+        self._routed_names: list[str | None] | None = None
 
     # --- requests (any thread) ------------------------------------------------------------------
 
@@ -306,6 +308,7 @@ class Engine:
                            and (left := deadline - time.monotonic()) > 0):
                         self._lock.wait(left)
             self.step()
+        self._end_routing()
         failed = self._running + list(self._waiting)
         self._running, self._waiting = [], deque()
         for sequence in failed:
@@ -333,12 +336,15 @@ class Engine:
                     sequence.finish_reason = "error"
                     sequence.emit(("error", f"generation failed: {message}"))
                     self._release(sequence)
+            self._end_routing()
             self._reset_batch()
 
     def _do_admin(self) -> None:
         with self._lock:
             todo = list(self._admin)
             self._admin.clear()
+        if todo:
+            self._end_routing()  # deltas are attached and deleted outside any routing
         for action, future, waits_for in todo:
             if waits_for is not None and self.deltas[waits_for].in_use:
                 with self._lock:  # its requests are still being answered: try again after this step
@@ -388,14 +394,22 @@ class Engine:
 
     def _forward(self, names: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
         if len(set(names)) == 1:  # one delta for every row: activated, it takes its fastest path
+            self._end_routing()
             self._use(names[0])
-            routing = contextlib.nullcontext()
-        else:
-            routing = route(self.model, names)
-        with torch.no_grad(), routing:
+        elif names != self._routed_names:
+            # the routing stays on while the batch's rows stay the same, so its gathered
+            # low-rank factors serve every step until a sequence joins or leaves
+            self._end_routing()
+            self._routing.enter_context(route(self.model, names))
+            self._routed_names = list(names)
+        with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_keyword: cache})
         return out.logits[:, -1, :].float()
+
+    def _end_routing(self) -> None:
+        self._routing.close()
+        self._routed_names = None
 
     def _use(self, name: str | None) -> None:
         """Make ``name`` the one active delta (None: none), if it is not already."""
