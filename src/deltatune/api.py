@@ -458,7 +458,9 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
     """Mixed batch: sample i goes through delta ``names_per_sample[i]`` (None: the base model).
 
     Works with ``generate`` (beams and multiple sequences per prompt included). Merged deltas
-    must be unmerged first, since their update is in the shared weights.
+    must be unmerged first, since their update is in the shared weights. Without gradients,
+    the low-rank factors gathered for the rows are kept for the block's next forward (a
+    decoding loop's steps): change no delta's weights inside one ``route`` block.
     """
     check_model("route", model)
     infos = deltas(model)

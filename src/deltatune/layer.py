@@ -192,6 +192,9 @@ class Routing:
     def __init__(self, names_per_sample: list[str | None]):
         self.names_per_sample = list(names_per_sample)
         self._cache: dict[tuple[int, torch.device], dict[str, Tensor]] = {}
+        #: per layer: the gathered low-rank factors of its rows, kept for the next forward of this
+        #: routing (a decoding loop's steps) while nothing needs their gradients
+        self.gathered: dict[int, dict[tuple, tuple[Tensor, Tensor]]] = {}
 
     def rows_for(self, rows: int, device: torch.device) -> dict[str, Tensor]:
         key = (rows, device)
@@ -342,7 +345,9 @@ class DeltaLayer(nn.Module):
         result = out
         wider: list[tuple[Tensor, Tensor]] = []
         if len(factors) > 1:  # a single one is cheaper on its own rows alone
-            result = out + _gathered_low_rank(x, factors, rows_by_name, out.dtype)
+            reusable = not (torch.is_grad_enabled() and any(t.requires_grad for a, b, _ in factors.values() for t in (a, b)))
+            memo = self.routing.gathered.setdefault(id(self), {}) if reusable else None
+            result = out + _gathered_low_rank(x, factors, rows_by_name, out.dtype, memo)
         else:
             factors = {}
         for name, rows in rows_by_name.items():
@@ -479,11 +484,28 @@ def padded_rows(pieces: list[tuple[Tensor, Tensor]], reference: Tensor) -> Tenso
 
 
 def _gathered_low_rank(
-    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype
+    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype,
+    memo: dict[tuple, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Σ over deltas of s·B A x on each delta's rows, as two batched matrix products: the K
     deltas' A and B (padded to the largest rank, s folded into B) are stacked behind a zero
-    slot, gathered per row by the row's delta index (0: no low-rank delta), and applied with bmm."""
+    slot, gathered per row by the row's delta index (0: no low-rank delta), and applied with bmm.
+    With ``memo`` the gathered factors are kept there and reused for a batch of as many rows."""
+    key = (x.shape[0], dtype, x.device)
+    if memo is not None and key in memo:
+        a_rows, b_rows = memo[key]
+    else:
+        a_rows, b_rows = _gather_factors(x, factors, rows_by_name, dtype)
+        if memo is not None:
+            memo[key] = (a_rows, b_rows)
+    flat = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])
+    low = torch.bmm(flat, a_rows.transpose(1, 2))
+    return torch.bmm(low, b_rows.transpose(1, 2)).reshape(*x.shape[:-1], b_rows.shape[1])
+
+
+def _gather_factors(
+    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     rank = max(a.shape[0] for a, _, _ in factors.values())
     first_a, first_b, _ = next(iter(factors.values()))
     index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -496,9 +518,7 @@ def _gathered_low_rank(
         index[rows_by_name[name]] = slot
     a_rows = torch.stack(a_parts).index_select(0, index)  # (rows, r, in)
     b_rows = torch.stack(b_parts).index_select(0, index)  # (rows, out, r)
-    flat = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])
-    low = torch.bmm(flat, a_rows.transpose(1, 2))
-    return torch.bmm(low, b_rows.transpose(1, 2)).reshape(*x.shape[:-1], b_rows.shape[1])
+    return a_rows, b_rows
 
 
 def _bind_call(delta: Delta, module: nn.Module, run, rows: RowSelector):

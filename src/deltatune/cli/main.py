@@ -476,6 +476,7 @@ def meta_model(config_path: Path, kind: str = "causal-lm", num_labels: int | Non
 
 
 from . import analysis_commands  # noqa: E402, F401  (registers compare, analyze, advise on app)
+from . import serve_command  # noqa: E402, F401  (registers serve on app)
 
 
 def main() -> None:

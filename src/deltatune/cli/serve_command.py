@@ -1,0 +1,90 @@
+"""``deltatune serve``: one base model, many deltas, an OpenAI-compatible HTTP API
+(:mod:`deltatune.serving`). Registered on the main app by an import at the bottom of :mod:`.main`."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import List, Optional
+
+import typer
+
+from .common import ModelOpt, app, console, friendly_errors
+
+
+def parse_deltas(items: List[str]) -> dict[str, str]:
+    """``NAME=DIR`` options as {name: directory}; a repeated name or a missing ``=`` is an error."""
+    from ..errors import ConfigError
+
+    found: dict[str, str] = {}
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ConfigError(f"--delta expects NAME=DIR, got {item!r}")
+        if name.strip() in found:
+            raise ConfigError(f"--delta names {name.strip()!r} twice; give each delta its own name")
+        found[name.strip()] = directory.strip()
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) resolves only to loopback addresses."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+@app.command()
+@friendly_errors("serve")
+def serve(
+    model: Optional[str] = ModelOpt,
+    delta: List[str] = typer.Option([], "--delta", help="NAME=DIR: serve a saved delta under NAME (repeatable); a request's model field picks it"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --api-key"),
+    port: int = typer.Option(8000, min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DELTATUNE_API_KEY", help="require 'Authorization: Bearer KEY' on every request"),
+    allow_admin: bool = typer.Option(False, "--allow-admin", help="enable POST/DELETE /v1/admin/deltas to load and unload deltas while serving"),
+    max_batch: int = typer.Option(32, min=1, help="sequences decoded together in one step"),
+    max_waiting: int = typer.Option(256, min=0, help="requests queued beyond the running batch; more get 503 with Retry-After"),
+    max_deltas: int = typer.Option(64, min=0, help="most deltas loaded at once"),
+    max_delta_mib: float = typer.Option(2048.0, min=0, help="most MiB of delta parameters loaded at once"),
+    mixed: bool = typer.Option(True, "--mixed/--one-delta-at-a-time", help="decode requests for different deltas in one batch (default), or one delta's requests at a time"),
+    gather_ms: float = typer.Option(0.0, min=0, help="when idle, wait this long after a request for others, to start a burst as one batch"),
+    chat_max_tokens: int = typer.Option(256, min=1, help="a chat answer's length when the request sets no max_tokens"),
+    dtype: Optional[str] = typer.Option(None, help="the base's dtype: float32 (default) | bfloat16 | float16 | auto"),
+):
+    """Serve the base model and saved deltas over OpenAI's API (/v1/completions, /v1/chat/completions,
+    /v1/models), decoding requests for different deltas in one continuous batch."""
+    from ..errors import ConfigError
+    from ..models import DEFAULT_MODEL, load_model_and_tokenizer
+
+    chosen = parse_deltas(delta)
+    if api_key is None and not is_loopback(host):
+        raise ConfigError(f"--host {host!r} is reachable from other machines; give --api-key (or bind 127.0.0.1)")
+    if len(chosen) > max_deltas:
+        raise ConfigError(f"{len(chosen)} deltas given but --max-deltas is {max_deltas}")
+    try:
+        import uvicorn
+
+        from ..serving.app import create_app
+        from ..serving.engine import Engine, RequestError
+    except ImportError as exc:
+        raise ConfigError(f"deltatune serve needs FastAPI and uvicorn: pip install 'deltatune[serve]' ({exc})") from None
+
+    base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+    engine = Engine(base, tokenizer, base_name=model or DEFAULT_MODEL, mixed=mixed, max_batch=max_batch,
+                    max_waiting=max_waiting, max_deltas=max_deltas, max_delta_bytes=int(max_delta_mib * 2**20),
+                    gather_ms=gather_ms)
+    for name, directory in chosen.items():
+        future = engine.load_delta(name, directory)
+        engine.step()  # no thread runs the engine yet: do the load now
+        try:
+            future.result()
+        except RequestError as exc:
+            raise ConfigError(f"--delta {name}={directory}: {exc}") from None
+    console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1 "
+                  f"({'mixed batches' if mixed else 'one delta at a time'}; admin routes {'on' if allow_admin else 'off'})",
+                  highlight=False)
+    uvicorn.run(create_app(engine, api_key=api_key, allow_admin=allow_admin, chat_max_tokens=chat_max_tokens),
+                host=host, port=port, log_level="warning")

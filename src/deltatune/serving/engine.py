@@ -1,0 +1,574 @@
+"""Continuous batching over many deltas on one base: the engine behind ``deltatune serve``.
+
+One loop decodes every running sequence in one batch, whichever delta each one asked for
+(:func:`deltatune.route` picks each row's delta; plain LoRA deltas run as one gathered product
+per layer; a batch whose rows all want one delta runs with it activated instead, its fastest
+path and the one ``deltatune generate`` takes). Between two decode steps finished sequences leave the batch and waiting ones join:
+
+* the batch keeps one transformers ``DynamicCache``, **left-padded**: row b's keys and values
+  sit at the right end of the time axis, ``mask[b]`` marks which columns are real, and each
+  row's next position is its count of real tokens (as ``generate`` computes positions from a
+  left-padded mask);
+* joining sequences are prefilled together (left-padded among themselves, routed to their
+  deltas), then their cache is padded on the left to the batch's width (or the batch's to
+  theirs) and stacked under it;
+* leaving rows are dropped with ``batch_select_indices``, and columns no remaining row uses
+  are cut from the left.
+
+Masked columns add exact zeros to attention, so a row computes what it computes alone, up to
+the rounding of a longer reduction.
+
+Deltas that change the cache's layout (prompt tuning and P-tuning put virtual tokens into
+every routed row's cache) cannot join or leave a running batch; :meth:`Engine.load_delta`
+finds them by a two-token probe and refuses them.
+
+The engine holds no HTTP: :mod:`deltatune.serving.app` puts one around it. It runs on one
+thread (:meth:`Engine.run`); :meth:`Engine.submit` and the admin calls are safe from any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..api import activate, deactivate, delete, route
+from ..errors import CheckpointError, ConfigError, DeltatuneError
+from ..io import load
+from ..layer import delta_layers
+from ..train.evaluate import stop_token_ids
+from ..upstream import cache_keyword
+
+#: the ``model`` a request names to get the base model without any delta, besides the base's own name
+BASE = None
+
+
+class RequestError(DeltatuneError):
+    """A request the engine cannot take; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks its tokens (OpenAI's fields; ``temperature`` 0 is greedy)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self, prompt_tokens: int, context: int) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(400, f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if prompt_tokens + self.max_tokens > context:
+            raise RequestError(400, f"max_tokens {self.max_tokens} plus the prompt's {prompt_tokens} tokens exceed the "
+                                    f"model's context of {context} tokens", "max_tokens")
+        if not (0 <= self.temperature <= 2) or math.isnan(self.temperature):
+            raise RequestError(400, f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
+        if not (0 < self.top_p <= 1):
+            raise RequestError(400, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise RequestError(400, "stop takes at most 4 non-empty strings", "stop")
+
+
+@dataclass
+class Sequence:
+    """One request in the engine. ``emit`` receives ``("text", str)`` pieces as they become final,
+    then one ``("done", finish_reason)`` or ``("error", message)``; it is called on the engine's thread."""
+
+    model: str | None
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[tuple[str, Any]], None]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""          # the answer so far, as final as the stop strings allow
+    sent: int = 0           # characters of ``text`` already emitted
+    cancelled: bool = False
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """The client went away: the engine drops the sequence at its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class Stats:
+    """What the engine has done, for ``/v1/stats`` and the benchmark."""
+
+    steps: int = 0                 # decode steps (one batched forward each)
+    prefills: int = 0              # prefill forwards (each for one or more joining sequences)
+    finished: int = 0
+    generated_tokens: int = 0
+    max_batch: int = 0             # most sequences in one decode step
+    max_models_in_a_step: int = 0  # most distinct deltas (the base counts as one) in one decode step
+    mixed_steps: int = 0           # decode steps whose rows used two or more deltas
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Delta:
+    path: str
+    bytes: int
+    in_use: int = 0       # waiting and running sequences that asked for it
+    unloading: bool = False
+
+
+class Engine:
+    """Runs requests against ``model`` and its loaded deltas, in continuous mixed batches.
+
+    ``mixed=False`` serves one delta at a time (a batch holds only sequences of one delta; when
+    it empties the delta of the oldest waiting request goes next): what serving without
+    mixed batches does, kept for comparison. ``gather_ms``: when a request finds the engine idle,
+    wait up to that long for more to arrive, so a burst starts as one batch. Limits: ``max_batch`` running sequences,
+    ``max_waiting`` queued ones (more are refused with 503), ``max_deltas`` deltas holding at
+    most ``max_delta_bytes`` of parameters together.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, base_name: str, mixed: bool = True,
+                 max_batch: int = 32, max_waiting: int = 256, max_deltas: int = 64,
+                 max_delta_bytes: int = 2 * 2**30, gather_ms: float = 0.0):
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        #: held around every use of the tokenizer: a fast tokenizer is not safe from two threads at once
+        self.tokenizer_lock = threading.Lock()
+        self.base_name = base_name
+        self.mixed = mixed
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_deltas, self.max_delta_bytes = max_deltas, max_delta_bytes
+        self.gather_seconds = gather_ms / 1000
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = set(stop_token_ids(model, tokenizer))
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
+        self.device = next(model.parameters()).device
+        self._cache_keyword = cache_keyword(model.forward)
+        self.deltas: dict[str, _Delta] = {}
+        self.stats = Stats()
+        self._lock = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._admin: deque[tuple[Callable[[], Any], Future, str | None]] = deque()
+        self._stopping = False
+        # the running batch: its sequences, the cache, which cache columns are real per row,
+        # the token each row feeds next and each row's count of real tokens in the cache
+        self._running: list[Sequence] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
+        self._check_cache_kind()
+        deactivate(self.model)
+        self._active: str | None = None  # the delta activated for batches of one delta
+        self._routing = contextlib.ExitStack()  # holds the route() of the rows decoding now, if mixed
+        self._routed_names: list[str | None] | None = None
+
+    # --- requests (any thread) ------------------------------------------------------------------
+
+    def resolve(self, model_name: str | None) -> str | None:
+        """The delta a request's ``model`` names (None: the base); 404 for anything else."""
+        if model_name in (None, "", self.base_name):
+            return BASE
+        delta = self.deltas.get(model_name)
+        if delta is None or delta.unloading:
+            known = ", ".join([self.base_name, *self.models()[1:]])
+            raise RequestError(404, f"model {model_name!r} is not served here; models: {known}", "model")
+        return model_name
+
+    def models(self) -> list[str]:
+        """The base's name, then every loaded delta."""
+        return [self.base_name, *(n for n, d in self.deltas.items() if not d.unloading)]
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence; 404 if its delta went away, 503 when the queue is full."""
+        sequence.sampling.validate(len(sequence.prompt), self.context)
+        if not sequence.prompt:
+            raise RequestError(400, "the prompt is empty", "prompt")
+        if sequence.sampling.temperature > 0:
+            sequence.generator = torch.Generator()
+            if sequence.sampling.seed is not None:
+                sequence.generator.manual_seed(sequence.sampling.seed)
+            else:
+                sequence.generator.seed()
+        with self._lock:
+            if self._stopping:
+                raise RequestError(503, "the server is shutting down")
+            if sequence.model is not None:
+                self.resolve(sequence.model)
+            if len(self._waiting) >= self.max_waiting:
+                raise RequestError(503, f"{len(self._waiting)} requests are waiting already (--max-waiting "
+                                        f"{self.max_waiting}); retry shortly")
+            if sequence.model is not None:
+                self.deltas[sequence.model].in_use += 1
+            self._waiting.append(sequence)
+            self._lock.notify_all()
+
+    # --- admin (any thread; done by the engine's thread between steps) --------------------------
+
+    def load_delta(self, name: str, path: str | Path) -> Future:
+        """Load a saved delta under ``name``; the future gives its parameter bytes or the error."""
+        with self._lock:
+            if name == self.base_name or name in self.deltas:
+                raise RequestError(409, f"a model named {name!r} is served already; unload it first", "name")
+        return self._run_admin(lambda: self._load(name, Path(path)))
+
+    def unload_delta(self, name: str) -> Future:
+        """Stop taking requests for ``name`` and delete it once its running requests are answered."""
+        with self._lock:
+            delta = self.deltas.get(name)
+            if delta is None or delta.unloading:
+                raise RequestError(404, f"no delta named {name!r} is loaded; loaded: {', '.join(self.models()[1:]) or 'none'}", "name")
+            delta.unloading = True
+        return self._run_admin(lambda: self._unload(name), waits_for=name)
+
+    def _run_admin(self, action: Callable[[], Any], waits_for: str | None = None) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._admin.append((action, future, waits_for))
+            self._lock.notify_all()
+        return future
+
+    def _load(self, name: str, path: Path) -> int:
+        if len(self.deltas) >= self.max_deltas:
+            raise RequestError(409, f"{len(self.deltas)} deltas are loaded, the most this server holds (--max-deltas "
+                                    f"{self.max_deltas}); unload one first")
+        if not path.exists():
+            raise RequestError(400, f"delta directory {str(path)!r} does not exist", "path")
+        names = load(self.model, path, name, activate=False)
+        try:
+            if names != [name]:
+                raise CheckpointError(f"{str(path)!r} holds {len(names)} deltas; give one delta directory per name")
+            size = sum(p.numel() * p.element_size() for layer in delta_layers(self.model).values()
+                       if name in layer.deltas for p in layer.deltas[name].parameters())
+            held = sum(d.bytes for d in self.deltas.values())
+            if held + size > self.max_delta_bytes:
+                raise RequestError(409, f"delta {name!r} holds {size} bytes of parameters and the loaded deltas {held}; "
+                                        f"together over --max-delta-bytes {self.max_delta_bytes}; unload one first")
+            self._probe(name)
+        except Exception:
+            for loaded in names:
+                delete(self.model, loaded)
+            raise
+        with self._lock:
+            self.deltas[name] = _Delta(str(path), size)
+        return size
+
+    def _unload(self, name: str) -> None:
+        if self._active == name:
+            self._use(None)
+        delete(self.model, name)
+        with self._lock:
+            del self.deltas[name]
+
+    def _probe(self, name: str) -> None:
+        """Refuse a delta whose rows do not keep one cache column per token (prompt tuning)."""
+        ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
+        cache = self._new_cache()
+        with torch.no_grad(), route(self.model, [name]):
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                       **{self._cache_keyword: cache})
+        if cache.get_seq_length() != ids.shape[1]:
+            raise ConfigError(f"delta {name!r} ({type(self._config_of(name)).__name__}) puts virtual tokens into the "
+                              "KV cache, so its requests cannot join or leave a running batch; serve its merged model "
+                              "or another method")
+
+    def _config_of(self, name: str):
+        return next(layer.deltas[name].config for layer in delta_layers(self.model).values() if name in layer.deltas)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; every sequence gets its ``done`` or ``error``."""
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._admin or self._running):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                if self.gather_seconds and not self._running and not self._admin:
+                    deadline = time.monotonic() + self.gather_seconds
+                    while (len(self._waiting) < self.max_batch and not self._stopping
+                           and (left := deadline - time.monotonic()) > 0):
+                        self._lock.wait(left)
+            self.step()
+        self._end_routing()
+        failed = self._running + list(self._waiting)
+        self._running, self._waiting = [], deque()
+        for sequence in failed:
+            sequence.emit(("error", "the server shut down before the answer was complete"))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+
+    def step(self) -> None:
+        """Admin work that can go now, then joining sequences' prefill, then one decode step."""
+        self._do_admin()
+        self._drop([s.cancelled for s in self._running])
+        joining = self._admit()
+        try:
+            if joining:
+                self._prefill(joining)
+            if self._running:
+                self._decode()
+        except Exception as exc:  # noqa: BLE001 - every request in the batch is answered, the loop goes on
+            message = str(exc) if isinstance(exc, DeltatuneError) else f"{type(exc).__name__}: {exc}"
+            for sequence in self._running + joining:
+                if sequence.finish_reason is None:
+                    sequence.finish_reason = "error"
+                    sequence.emit(("error", f"generation failed: {message}"))
+                    self._release(sequence)
+            self._end_routing()
+            self._reset_batch()
+
+    def _do_admin(self) -> None:
+        with self._lock:
+            todo = list(self._admin)
+            self._admin.clear()
+        if todo:
+            self._end_routing()  # deltas are attached and deleted outside any routing
+        for action, future, waits_for in todo:
+            if waits_for is not None and self.deltas[waits_for].in_use:
+                with self._lock:  # its requests are still being answered: try again after this step
+                    self._admin.append((action, future, waits_for))
+                continue
+            try:
+                future.set_result(action())
+            except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
+
+    def _admit(self) -> list[Sequence]:
+        with self._lock:
+            room = self.max_batch - len(self._running)
+            if self.mixed:
+                taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            else:
+                current = self._running[0].model if self._running else (self._waiting[0].model if self._waiting else None)
+                taken = [s for s in self._waiting if s.model == current][:room]
+                for sequence in taken:
+                    self._waiting.remove(sequence)
+        return [s for s in taken if not self._finish_if_cancelled(s)]
+
+    def _finish_if_cancelled(self, sequence: Sequence) -> bool:
+        if sequence.cancelled:
+            sequence.finish_reason = "cancelled"
+            sequence.emit(("done", "cancelled"))
+            self._release(sequence)
+        return sequence.cancelled
+
+    def _release(self, sequence: Sequence) -> None:
+        if sequence.model is not None:
+            with self._lock:
+                self.deltas[sequence.model].in_use -= 1
+
+    # --- the model -----------------------------------------------------------------------------
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _check_cache_kind(self) -> None:
+        layers = getattr(self._new_cache(), "layers", None)
+        if not layers or any(layer.is_sliding for layer in layers):
+            raise ConfigError(f"{type(self.model).__name__} keeps a sliding-window or recurrent cache; deltatune serve "
+                              "batches models whose cache keeps every token (Llama, Qwen2, GPT-2, ...)")
+
+    def _forward(self, names: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
+        if len(set(names)) == 1:  # one delta for every row: activated, it takes its fastest path
+            self._end_routing()
+            self._use(names[0])
+        elif names != self._routed_names:
+            # the routing stays on while the batch's rows stay the same, so its gathered
+            # low-rank factors serve every step until a sequence joins or leaves
+            self._end_routing()
+            self._routing.enter_context(route(self.model, names))
+            self._routed_names = list(names)
+        with torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_keyword: cache})
+        return out.logits[:, -1, :].float()
+
+    def _end_routing(self) -> None:
+        self._routing.close()
+        self._routed_names = None
+
+    def _use(self, name: str | None) -> None:
+        """Make ``name`` the one active delta (None: none), if it is not already."""
+        if name != self._active:
+            if name is None:
+                deactivate(self.model)
+            else:
+                activate(self.model, name)
+            self._active = name
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        width = max(len(s.prompt) for s in joining)
+        ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joining), width), dtype=torch.long)
+        for row, sequence in enumerate(joining):
+            ids[row, width - len(sequence.prompt):] = torch.tensor(sequence.prompt)
+            mask[row, width - len(sequence.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
+        cache = self._new_cache()
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        logits = self._forward([s.model for s in joining], ids, mask, positions, cache)
+        self.stats.prefills += 1
+        tokens = self._sample(joining, logits)
+        lengths = mask.sum(-1)
+        keep = [row for row, s in enumerate(joining) if not self._advance(s, int(tokens[row]))]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        if len(keep) < len(joining):
+            cache.batch_select_indices(index)
+        self._join([joining[r] for r in keep], cache, mask.index_select(0, index), tokens.index_select(0, index),
+                   lengths.index_select(0, index))
+
+    def _decode(self) -> None:
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], 1)
+        logits = self._forward([s.model for s in self._running], self._pending.unsqueeze(1), mask,
+                               self._lengths.unsqueeze(1), self._cache)
+        self._mask, self._lengths = mask, self._lengths + 1
+        stats = self.stats
+        stats.steps += 1
+        stats.max_batch = max(stats.max_batch, len(self._running))
+        models = len({s.model for s in self._running})
+        stats.max_models_in_a_step = max(stats.max_models_in_a_step, models)
+        stats.mixed_steps += models > 1
+        self._pending = self._sample(self._running, logits)
+        self._drop([self._advance(s, token) for s, token in zip(self._running, self._pending.tolist())])
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        chosen = logits.argmax(-1)
+        for row, sequence in enumerate(sequences):
+            sampling = sequence.sampling
+            if sampling.temperature == 0:
+                continue
+            probs = torch.softmax(logits[row] / sampling.temperature, -1).cpu()
+            if sampling.top_p < 1:
+                ordered, order = probs.sort(descending=True)
+                outside = ordered.cumsum(-1) - ordered >= sampling.top_p  # tokens after the nucleus is full
+                probs = probs.scatter(0, order[outside], 0.0)
+            chosen[row] = torch.multinomial(probs, 1, generator=sequence.generator).item()
+        return chosen
+
+    def _advance(self, sequence: Sequence, token: int) -> bool:
+        """Take the sequence's new token; whether the sequence finished."""
+        if sequence.cancelled:
+            return self._finish(sequence, "cancelled")
+        if token in self.stop_ids:
+            return self._finish(sequence, "stop")
+        sequence.tokens.append(token)
+        self.stats.generated_tokens += 1
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+        stops = [i for i in (text.find(s) for s in sequence.sampling.stop) if i >= 0]
+        if stops:
+            sequence.text = text[:min(stops)]
+            return self._finish(sequence, "stop")
+        sequence.text = text
+        if len(sequence.tokens) >= sequence.sampling.max_tokens:
+            return self._finish(sequence, "length")
+        final = len(text) - _held_back(text, sequence.sampling.stop)
+        if final > sequence.sent:
+            sequence.emit(("text", text[sequence.sent:final]))
+            sequence.sent = final
+        return False
+
+    def _finish(self, sequence: Sequence, reason: str) -> bool:
+        if len(sequence.text) > sequence.sent:
+            sequence.emit(("text", sequence.text[sequence.sent:]))
+            sequence.sent = len(sequence.text)
+        sequence.finish_reason = reason
+        self.stats.finished += 1
+        self._release(sequence)
+        sequence.emit(("done", reason))
+        return True
+
+    # --- the batch's cache ---------------------------------------------------------------------
+
+    def _join(self, joining: list[Sequence], cache, mask: torch.Tensor, pending: torch.Tensor,
+              lengths: torch.Tensor) -> None:
+        if not self._running:
+            self._running, self._cache, self._mask, self._pending, self._lengths = joining, cache, mask, pending, lengths
+            return
+        from transformers import DynamicCache
+
+        width = max(self._mask.shape[1], mask.shape[1])
+        merged = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]), torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
+                  for (k0, v0), (k1, v1) in zip(_cache_tensors(self._cache), _cache_tensors(cache))]
+        self._cache = DynamicCache(merged)
+        self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
+        self._running = self._running + joining
+        self._pending = torch.cat([self._pending, pending])
+        self._lengths = torch.cat([self._lengths, lengths])
+
+    def _drop(self, finished: list[bool]) -> None:
+        """Remove the rows that ``finished`` marks from the running batch."""
+        keep = [row for row, done in enumerate(finished) if not done]
+        if len(keep) == len(self._running):
+            return
+        for row, sequence in enumerate(self._running):
+            if finished[row] and sequence.finish_reason is None:  # cancelled between two steps
+                self._finish(sequence, "cancelled")
+        if not keep:
+            self._reset_batch()
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._running = [self._running[r] for r in keep]
+        self._mask, self._pending, self._lengths = (t.index_select(0, index) for t in (self._mask, self._pending, self._lengths))
+        unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row uses
+        if unused:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache([(k[..., unused:, :], v[..., unused:, :]) for k, v in _cache_tensors(self._cache)])
+            self._mask = self._mask[:, unused:]
+
+    def _reset_batch(self) -> None:
+        self._running, self._cache, self._mask, self._pending, self._lengths = [], None, None, None, None
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    """``tensor`` with zeros before it along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` may still become part of a stop string (or of
+    a character whose bytes are not all decoded yet), so are not sent yet."""
+    held = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                held = max(held, size)
+                break
+    return held

@@ -1,0 +1,290 @@
+"""``deltatune serve``: the official ``openai`` client against a real uvicorn server on loopback,
+a tiny model and three deltas of different methods. Greedy answers must equal ``deltatune
+generate``'s (its own code path: the model loaded with the delta alone, the prompt rendered and
+batch-generated as the command does), also when the three are asked at once and share decode
+steps; every error class has its status and names what was wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.cli.main import _load_with_delta, _user_prompt, app as cli_app
+from deltatune.layer import delta_layers
+from deltatune.models import load_model_and_tokenizer
+from deltatune.train.data import encode_prompt
+from deltatune.train.evaluate import generate_completions
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from deltatune.serving.app import create_app  # noqa: E402  (needs fastapi, as the two above)
+from deltatune.serving.engine import Engine, RequestError, Sampling, Sequence  # noqa: E402
+
+DELTAS = {
+    "lora-a": dt.LoRAConfig(r=4, targets=["all-linear"]),
+    "lora-b": dt.LoRAConfig(r=2, targets=["attn", "ffn.down"]),
+    "prefix": dt.config("prefix", num_virtual_tokens=3, init="random"),
+}
+PROMPTS = {"lora-a": "cat", "lora-b": "the quick brown fox", "prefix": "dog", None: "sun"}
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def delta_dirs(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deltas")
+    dirs = {}
+    for seed, (name, config) in enumerate(DELTAS.items()):
+        model, _ = load_model_and_tokenizer(str(tiny_dir))
+        dt.attach(model, config, name)
+        torch.manual_seed(seed)
+        with torch.no_grad():  # far from zero, so every delta changes the answers
+            for p in dt.trainable_parameters(model, name):
+                p.normal_(std=0.5)
+        dt.save(model, root / name, name)
+        dirs[name] = root / name
+    return dirs
+
+
+def reference(tiny_dir, delta_dir, prompt: str, max_new_tokens: int) -> str:
+    """What ``deltatune generate PROMPT --delta DIR --max-new-tokens N`` answers."""
+    model, tokenizer = _load_with_delta(str(tiny_dir), delta_dir)
+    return generate_completions(model, tokenizer, [_user_prompt(tokenizer, prompt)], max_new_tokens=max_new_tokens)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(engine: Engine, **options):
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, **options), host="127.0.0.1", port=free_port(),
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{server.config.port}/v1"
+
+
+def engine_with(tiny_dir, delta_dirs, **options) -> Engine:
+    model, tokenizer = load_model_and_tokenizer(str(tiny_dir))
+    engine = Engine(model, tokenizer, base_name="tiny", **options)
+    futures = [engine.load_delta(name, path) for name, path in delta_dirs.items()]
+    engine.step()
+    for future in futures:
+        future.result()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, delta_dirs):
+    engine = engine_with(tiny_dir, delta_dirs, max_deltas=4, gather_ms=150)
+    server, thread, url = start(engine, api_key=KEY, allow_admin=True)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0)
+
+
+def test_models_lists_the_base_and_every_delta(client):
+    assert [m.id for m in client.models.list().data] == ["tiny", *DELTAS]
+
+
+def test_each_delta_answers_as_deltatune_generate(client, tiny_dir, delta_dirs):
+    answers = {}
+    for name, prompt in PROMPTS.items():
+        reply = client.chat.completions.create(model=name or "tiny", messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=10, temperature=0)
+        answers[name] = reply.choices[0].message.content
+        assert answers[name].strip() == reference(tiny_dir, delta_dirs.get(name), prompt, 10)
+        assert reply.usage.completion_tokens <= 10
+    assert len(set(answers.values())) == len(answers), "the deltas should change the answers"
+    # /v1/completions takes the prompt text as it is
+    model, tokenizer = _load_with_delta(str(tiny_dir), delta_dirs["lora-a"])
+    text = client.completions.create(model="lora-a", prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
+    assert text.strip() == generate_completions(model, tokenizer, ["Once upon"], max_new_tokens=6)[0]
+
+
+def test_concurrent_requests_for_three_deltas_share_batches_and_answer_the_same(server, tiny_dir, delta_dirs):
+    stats_before = openai.OpenAI(base_url=server, api_key=KEY).get("/stats", cast_to=object)
+
+    async def ask_all():
+        client = openai.AsyncOpenAI(base_url=server, api_key=KEY, max_retries=0)
+
+        async def ask(name):
+            messages = [{"role": "user", "content": PROMPTS[name]}]
+            if name == "prefix":  # one of them streamed: the chunks add up to the same answer
+                stream = await client.chat.completions.create(model=name, messages=messages, max_tokens=12,
+                                                              temperature=0, stream=True)
+                return "".join([c.choices[0].delta.content or "" async for c in stream])
+            reply = await client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0)
+            return reply.choices[0].message.content
+
+        return await asyncio.gather(*(ask(name) for name in DELTAS))
+
+    answers = asyncio.run(ask_all())
+    for name, answer in zip(DELTAS, answers):
+        assert answer.strip() == reference(tiny_dir, delta_dirs[name], PROMPTS[name], 12)
+    stats = openai.OpenAI(base_url=server, api_key=KEY).get("/stats", cast_to=object)
+    assert stats["max_models_in_a_step"] == 3 and stats["mixed_steps"] > stats_before["mixed_steps"]
+
+
+def test_stop_max_tokens_and_seed(client):
+    ask = dict(model="lora-a", messages=[{"role": "user", "content": "cat"}])
+    full = client.chat.completions.create(**ask, max_tokens=10, temperature=0).choices[0]
+    assert full.finish_reason == "length"
+    stop = full.message.content[4:6]
+    cut = client.chat.completions.create(**ask, max_tokens=10, temperature=0, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == full.message.content[: full.message.content.index(stop)]
+    streamed = client.chat.completions.create(**ask, max_tokens=10, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.message.content
+    sampled = [client.chat.completions.create(**ask, max_tokens=10, temperature=1.5, top_p=0.9, seed=seed)
+               .choices[0].message.content for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_bad_requests_name_the_field(client):
+    ask = dict(model="lora-a", messages=[{"role": "user", "content": "cat"}])
+    for field, value in [("temperature", 5.0), ("top_p", 0.0), ("max_tokens", 0), ("n", 2), ("max_tokens", 10**6)]:
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(**{**ask, field: value})
+        assert error.value.body["param"] == field and field in error.value.message
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="lora-a", messages=[{"role": "robot", "content": "x"}])
+    assert error.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(**{**ask, "model": "lora-z"})
+    assert "lora-z" in error.value.message and "lora-a" in error.value.message
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0).models.list()
+
+
+def test_admin_loads_and_unloads_deltas_within_the_limit(client, tiny_dir, delta_dirs):
+    extra = client.post("/admin/deltas", body={"name": "again", "path": str(delta_dirs["lora-b"])}, cast_to=object)
+    assert extra["bytes"] > 0 and "again" in [m.id for m in client.models.list().data]
+    answer = client.chat.completions.create(model="again", messages=[{"role": "user", "content": "cat"}],
+                                            max_tokens=8, temperature=0).choices[0].message.content
+    assert answer.strip() == reference(tiny_dir, delta_dirs["lora-b"], "cat", 8)
+    with pytest.raises(openai.ConflictError) as error:  # a fifth delta is over --max-deltas 4
+        client.post("/admin/deltas", body={"name": "fifth", "path": str(delta_dirs["lora-a"])}, cast_to=object)
+    assert "max-deltas" in error.value.message
+    client.delete("/admin/deltas/again", cast_to=object)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="again", messages=[{"role": "user", "content": "cat"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.post("/admin/deltas", body={"name": "missing", "path": str(tiny_dir / "nowhere")}, cast_to=object)
+    assert "nowhere" in error.value.message
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_admin_is_off_by_default(tiny_dir, delta_dirs):
+    engine = engine_with(tiny_dir, {}, max_waiting=0)
+    server, thread, url = start(engine)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as error:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "cat"}])
+        assert error.value.status_code == 503 and error.value.response.headers["retry-after"] == "1"
+        with pytest.raises(openai.PermissionDeniedError) as error:
+            client.post("/admin/deltas", body={"name": "a", "path": str(delta_dirs["lora-a"])}, cast_to=object)
+        assert "--allow-admin" in error.value.message
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_sequences_join_and_leave_a_running_batch_between_steps(tiny_dir, delta_dirs):
+    """The engine driven step by step: a request already decoding is joined by two more (one
+    for the base), one leaves early; every answer is still generate's."""
+    engine = engine_with(tiny_dir, delta_dirs)
+    tokenizer = engine.tokenizer
+    asked = [("lora-a", "cat", 16), ("prefix", "a much longer prompt than the others", 9), (None, "sun", 3)]
+    events = {name: [] for name, _, _ in asked}
+
+    def submit(name, prompt, max_tokens):
+        engine.submit(Sequence(model=name, prompt=encode_prompt(tokenizer, _user_prompt(tokenizer, prompt)),
+                               sampling=Sampling(max_tokens=max_tokens, temperature=0), emit=events[name].append))
+
+    submit(*asked[0])
+    for _ in range(3):
+        engine.step()
+    submit(*asked[1])
+    submit(*asked[2])
+    while engine._running or engine._waiting:
+        engine.step()
+    for name, prompt, max_tokens in asked:
+        text = "".join(value for kind, value in events[name] if kind == "text")
+        assert events[name][-1][0] == "done"
+        assert text.strip() == reference(tiny_dir, delta_dirs.get(name), prompt, max_tokens)
+    assert engine.stats.max_models_in_a_step == 3 and engine.stats.prefills == 2
+
+
+def test_a_delta_that_puts_tokens_into_the_cache_is_refused(tiny_dir, tmp_path):
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    dt.attach(model, dt.config("prompt", num_virtual_tokens=2), "prompted")
+    dt.save(model, tmp_path / "prompted", "prompted")
+    engine = engine_with(tiny_dir, {})
+    future = engine.load_delta("prompted", tmp_path / "prompted")
+    engine.step()
+    with pytest.raises(dt.ConfigError, match="virtual tokens"):
+        future.result()
+    assert engine.models() == ["tiny"] and not dt.deltas(engine.model)
+
+
+def test_unknown_models_and_bad_parameters_are_refused_before_queueing(tiny_dir):
+    engine = engine_with(tiny_dir, {})
+    with pytest.raises(RequestError) as error:
+        engine.resolve("nope")
+    assert error.value.status == 404
+    with pytest.raises(RequestError) as error:
+        engine.submit(Sequence(model=None, prompt=[5], sampling=Sampling(stop=("",)), emit=print))
+    assert error.value.status == 400 and error.value.field == "stop"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "0.0.0.0"], "--api-key"),
+    (["--delta", "nodir"], "NAME=DIR"),
+    (["--delta", "a=x", "--delta", "a=y"], "twice"),
+])
+def test_serve_refuses_bad_options_in_one_line(args, message):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli_app, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_route_block_reuses_its_gathered_factors_only_without_gradients(tiny_dir, delta_dirs):
+    """The engine decodes many steps in one route() block: the gathered LoRA factors are kept
+    for the block's next forward when nothing needs gradients, and the answers stay exact."""
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    for name in ("lora-a", "lora-b"):
+        dt.load(model, delta_dirs[name], name, activate=False)
+    names = ["lora-a", "lora-b", None]
+    first, second = torch.randint(4, 90, (3, 5)), torch.randint(4, 90, (3, 5))
+    with torch.no_grad():
+        with dt.route(model, names):
+            routed = [model(first).logits, model(second).logits]
+            layer = next(l for l in delta_layers(model).values() if l.routing is not None)
+            assert layer.routing.gathered  # kept after the first forward
+        for ids, got in zip((first, second), routed):
+            for row, name in enumerate(names):
+                dt.activate(model, name) if name else dt.deactivate(model)
+                torch.testing.assert_close(got[row], model(ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-5)
+    dt.deactivate(model)
+    for p in dt.trainable_parameters(model, ["lora-a", "lora-b"]):
+        p.requires_grad_(True)
+    with dt.route(model, names):
+        model(first).logits.sum().backward()
+        assert not any(l.routing.gathered for l in delta_layers(model).values())
