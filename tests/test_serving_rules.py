@@ -13,7 +13,7 @@ import deltatune as dt
 from deltatune.cli.main import app
 from deltatune.errors import CheckpointError
 from deltatune.peft_format.lora import LoraConverter
-from deltatune.serving import check, save_for, serve_rank
+from deltatune.engine_rules import check, save_for, serve_rank
 from zoo import tiny_model
 
 peft = pytest.importorskip("peft")

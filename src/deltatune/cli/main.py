@@ -344,7 +344,7 @@ def export(
 
         check_choice("gguf-type", gguf_type, tuple(TENSOR_TYPES))
     if target is not None:
-        from ..serving import ENGINES
+        from ..engine_rules import ENGINES
 
         check_choice("target", target, ENGINES)
     _check_output(output, model, delta, overwrite)
@@ -358,7 +358,7 @@ def export(
         console.print(f"{written} ({gguf_type}) and an Ollama Modelfile written to {output}")
         return
     if target is not None:
-        from ..serving import save_for, serve_rank
+        from ..engine_rules import save_for, serve_rank
         from ..peft_format import CONFIG_FILE
 
         write_directory_atomically(output, lambda directory: save_for(target, base, directory))
