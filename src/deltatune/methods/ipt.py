@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..config import check_name, check_number, check_positive_int, register
 from ..errors import ConfigError
 from ..layer import delta_layers, rows_per_sample
-from .prompt import PromptDelta, _PromptOptions
+from .prompt import PromptDelta, PromptOptions
 
 
 class IntrinsicSubspace(nn.Module):
@@ -129,7 +129,7 @@ class IPTDelta(PromptDelta):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class IPTConfig(_PromptOptions):
+class IPTConfig(PromptOptions):
     """IPT (module docstring): ``tasks`` found the subspace (each with a prompt of
     ``num_virtual_tokens``), ``intrinsic_tasks`` are learned in it (a ``dimension``-long vector
     each); the auto-encoder's perceptrons have ``hidden_size`` units; ``reconstruction_weight``

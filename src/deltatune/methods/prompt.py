@@ -207,7 +207,7 @@ class PromptDelta(Delta):
 
     acts_on = "call"
 
-    def __init__(self, config: "_PromptOptions", n: int, dim: int, body: nn.Module,
+    def __init__(self, config: "PromptOptions", n: int, dim: int, body: nn.Module,
                  encoder: PromptEncoder | None, dtype, device):
         super().__init__()
         self.config = config
@@ -393,7 +393,7 @@ class EncoderPromptMask(Delta):
 
     acts_on = "call"
 
-    def __init__(self, config: "_PromptOptions", n: int):
+    def __init__(self, config: "PromptOptions", n: int):
         super().__init__()
         self.config = config
         self.n = n
@@ -431,7 +431,7 @@ class EncoderPromptMask(Delta):
 # configs ---------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _PromptOptions(DeltaConfig):
+class PromptOptions(DeltaConfig):
     """What prompt tuning and P-tuning share: n, the initialisation, where the prompt goes."""
 
     adapts: ClassVar[str] = (
@@ -580,7 +580,7 @@ def _embed(embedding: nn.Module, ids: Tensor, device) -> Tensor:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class PromptTuningConfig(_PromptOptions):
+class PromptTuningConfig(PromptOptions):
     """Prompt tuning (module docstring): ``num_virtual_tokens`` trained input embeddings."""
 
     method: ClassVar[str] = "prompt"
@@ -589,7 +589,7 @@ class PromptTuningConfig(_PromptOptions):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class PTuningConfig(_PromptOptions):
+class PTuningConfig(PromptOptions):
     """P-tuning (module docstring): virtual tokens from a prompt encoder (``lstm`` or ``mlp``)."""
 
     method: ClassVar[str] = "ptuning"
