@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import deltatune as dt
 import deltatune.io as dt_io
 import deltatune.outputs as outputs
+import deltatune.train.objectives as objectives
 import deltatune.train.trainer as trainer
 from deltatune.cli.main import app
 from deltatune.models import load_model_and_tokenizer
@@ -149,7 +150,7 @@ def test_export_to_a_file(tiny_dir, tmp_path, finished_run):
 # interruptions in every phase ------------------------------------------------------------------
 
 def _interrupt_evaluation(monkeypatch, which: int):
-    real, calls = trainer.LanguageModeling.evaluate, []
+    real, calls = objectives.LanguageModeling.evaluate, []
 
     def evaluate(self, *args, **kwargs):
         calls.append(1)
@@ -157,7 +158,7 @@ def _interrupt_evaluation(monkeypatch, which: int):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.LanguageModeling, "evaluate", evaluate)
+    monkeypatch.setattr(objectives.LanguageModeling, "evaluate", evaluate)
 
 
 def _sigterm(*args, **kwargs):
@@ -172,7 +173,7 @@ def _saved_delta_loads(tiny_dir, delta_dir):
 
 @_fault("lost")
 def test_interrupt_while_loading_says_nothing_was_trained(tiny_dir, data_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.LanguageModeling, "load", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(objectives.LanguageModeling, "load", lambda self, *args: (_ for _ in ()).throw(KeyboardInterrupt))
     result = train(tiny_dir, data_file, tmp_path / "run")
     assert result.exit_code == 130
     assert "interrupted while loading; nothing was trained yet, nothing saved" in result.output
@@ -198,13 +199,13 @@ def test_interrupt_after_training_keeps_the_trained_delta(tiny_dir, data_file, t
 
 @_fault("lost")
 def test_sigterm_after_training_keeps_the_trained_delta(tiny_dir, data_file, tmp_path, monkeypatch):
-    real, calls = trainer.LanguageModeling.evaluate, []
+    real, calls = objectives.LanguageModeling.evaluate, []
 
     def evaluate(self, *args, **kwargs):
         calls.append(1)
         return _sigterm() if len(calls) == 2 else real(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.LanguageModeling, "evaluate", evaluate)
+    monkeypatch.setattr(objectives.LanguageModeling, "evaluate", evaluate)
     result = train(tiny_dir, data_file, tmp_path / "run")
     assert result.exit_code == 130
     assert "interrupted during the evaluation after training; the trained delta is saved in" in result.output
@@ -312,7 +313,11 @@ def test_rotation_keeps_the_checkpoint_just_written(tiny_dir, data_file, tmp_pat
 
     optimizer = torch.optim.AdamW(dt.trainable_parameters(model), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    written = run._checkpoint(model, optimizer, scheduler, 3)
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(plain_model=model, step=3, optimizer=optimizer, scheduler=scheduler,
+                            accelerator=SimpleNamespace(num_processes=1))
+    written = run._checkpoint(state)
     assert written.is_dir() and written.name == "step-000003"
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000003", "step-000100"]
 
