@@ -63,8 +63,8 @@ def questions() -> list[str]:
     return [f"{e.prompt[-1]['content'] if e.is_chat else e.prompt}" for e in load_examples(demo_data_path("test"))]
 
 
-def start_server(dirs: dict[str, Path], port: int, extra: list[str], log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "deltatune", "serve", "--port", str(port), "--max-batch", "32",
+def start_server(dirs: dict[str, Path], port: int, dtype: str, extra: list[str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "deltatune", "serve", "--port", str(port), "--max-batch", "32", "--dtype", dtype,
                *[a for name, d in dirs.items() for a in ("--delta", f"{name}={d}")], *extra]
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=os.environ.copy())
 
@@ -116,9 +116,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def references(dirs: dict[str, Path], pairs: set[tuple[str, str]], max_tokens: int) -> dict[tuple[str, str], str]:
+def references(dirs: dict[str, Path], pairs: set[tuple[str, str]], max_tokens: int, dtype: str) -> dict[tuple[str, str], str]:
     """``deltatune generate``'s answer for each (delta, question)."""
-    model, tokenizer = load_model_and_tokenizer(None)
+    model, tokenizer = load_model_and_tokenizer(None, dtype=dtype)
     for name, directory in dirs.items():
         dt.load(model, directory, name, activate=False)
     answers = {}
@@ -138,6 +138,8 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2, help="requests per client (clients of N=1 send 4 times as many)")
     parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--dtype", default="float32", help="the base's dtype in the servers and the reference answers "
+                        "(deltatune serve --dtype): float32 | bfloat16 | float16")
     args = parser.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
@@ -147,7 +149,7 @@ async def main() -> None:
         root = Path(tmp)
         dirs = make_deltas(max(ks), root)
         urls = {mode: f"http://127.0.0.1:{args.port + i}/v1" for i, mode in enumerate(MODES)}
-        servers = {mode: start_server(dirs, args.port + i, [] if mode == "mixed" else ["--one-delta-at-a-time"],
+        servers = {mode: start_server(dirs, args.port + i, args.dtype, [] if mode == "mixed" else ["--one-delta-at-a-time"],
                                       root / f"server-{i}.log") for i, mode in enumerate(MODES)}
         try:
             for i, mode in enumerate(MODES):
@@ -181,7 +183,7 @@ async def main() -> None:
             for process in servers.values():
                 process.wait(timeout=60)
 
-        wanted = references(dirs, {(r[1], asked[r[0] % len(asked)]) for *_, r in checked}, args.max_tokens)
+        wanted = references(dirs, {(r[1], asked[r[0] % len(asked)]) for *_, r in checked}, args.max_tokens, args.dtype)
         wrong = [(mode, n, k, r) for mode, n, k, r in checked
                  if r[2] is not None and r[2].strip() != wanted[(r[1], asked[r[0] % len(asked)])]]
         lost = sum(r[2] is None for *_, r in checked)
