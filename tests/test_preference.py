@@ -59,6 +59,18 @@ def test_simpo_loss_is_equation_6_of_meng_2024():
     assert float(loss) == pytest.approx(-log_sigmoid(-1.0 + 1.0), rel=1e-12)
 
 
+def test_the_nll_anchor_adds_the_chosen_answers_mean_nll_to_dpo_and_simpo():
+    # alpha = 0.5, log pi(y_w) = -2 over 4 tokens: + 0.5 * 0.5
+    loss, _, _ = PreferenceLoss.of("dpo", chosen_nll_weight=0.5)(*tensors(-2.0, -3.0, 4, 5, -2.5, -2.5))
+    assert float(loss) == pytest.approx(-log_sigmoid(0.1) + 0.25, rel=1e-12)
+    loss, _, _ = PreferenceLoss.of("simpo", chosen_nll_weight=0.5)(*tensors(-1.0, -3.0, 2, 3))
+    assert float(loss) == pytest.approx(math.log(2) + 0.25, rel=1e-12)
+    with pytest.raises(ConfigError, match="ORPO's loss already holds the chosen answer's NLL"):
+        PreferenceLoss.of("orpo", chosen_nll_weight=1.0)
+    with pytest.raises(ConfigError, match="chosen_nll_weight must be >= 0, got -1"):
+        PreferenceLoss.of("dpo", chosen_nll_weight=-1)
+
+
 def test_hyperparameters_are_checked_when_set():
     with pytest.raises(ConfigError, match="beta must be positive, got -1"):
         PreferenceLoss.of("dpo", beta=-1)

@@ -80,6 +80,7 @@ def train(
     beta: Optional[float] = typer.Option(None, help="--objective dpo | simpo: beta (default 0.1 | 2.0)"),
     odds_ratio_weight: Optional[float] = typer.Option(None, help="--objective orpo: lambda, the weight of the odds-ratio loss (default 0.1)"),
     reward_margin: Optional[float] = typer.Option(None, help="--objective simpo: gamma, the target reward margin (default 1.0)"),
+    chosen_nll_weight: Optional[float] = typer.Option(None, help="--objective dpo | simpo: alpha, the weight of the chosen answer's mean NLL added to the loss (default 0; keeps greedy answers intact on near-miss pairs)"),
     from_delta: Optional[str] = typer.Option(None, help="start from saved deltas; a hyperformer delta learns new tasks' embeddings only"),
     method: Optional[str] = typer.Option(None, help="delta method (default lora)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON file of these options; flags override it"),
@@ -131,7 +132,7 @@ def train(
     flags = dict(
         model=model, task=task, data=_one_or_many(data), eval_data=_one_or_many(eval_data), eval_fraction=eval_fraction,
         task_field=task_field, text_field=text_field, pair_field=pair_field, label_field=label_field,
-        objective=objective, beta=beta, odds_ratio_weight=odds_ratio_weight, reward_margin=reward_margin,
+        objective=objective, beta=beta, odds_ratio_weight=odds_ratio_weight, reward_margin=reward_margin, chosen_nll_weight=chosen_nll_weight,
         from_delta=from_delta, method=method, output_dir=output_dir, name=name,
         epochs=epochs, max_steps=max_steps, lr=lr, schedule=schedule, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,

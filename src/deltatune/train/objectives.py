@@ -390,7 +390,7 @@ class PreferenceTuning(LanguageModeling):
     def __init__(self, settings: TrainSettings):
         super().__init__(settings)
         self.preference = PreferenceLoss.of(settings.objective, settings.beta, settings.odds_ratio_weight,
-                                            settings.reward_margin)
+                                            settings.reward_margin, settings.chosen_nll_weight)
         self.model: nn.Module | None = None
         self.packing_note = "padded (preference pairs: each answer's log-probability is summed over its own row)"
 

@@ -31,6 +31,16 @@ function, y_w the chosen and y_l the rejected answer:
   reward r(y) = β/|y| log π(y|x); defaults β = 2.0, γ = 1.0 (γ/β = 0.5, in the range the
   paper recommends).
 
+* **An NLL anchor** for DPO and SimPO (``chosen_nll_weight`` α, default 0; Pang et al., 2024,
+  "Iterative Reasoning Preference Optimization", Eq. 1)::
+
+      L + α · ( -log π(y_w|x) / |y_w| )
+
+  DPO and SimPO only ask that the chosen answer beat the rejected one, which they can also
+  reach by pushing both down; on pairs that differ in a few tokens that wrecks greedy answers
+  while the reward accuracy climbs. The anchor keeps the chosen answer likely. ORPO's first
+  term is this anchor already.
+
 Records (JSONL, JSON, CSV or Parquet): ``prompt``, ``chosen``, ``rejected``. A string prompt is
 raw text followed by each answer verbatim (like ``prompt/completion`` records); a prompt given
 as chat turns (``[{"role", "content"}, ...]``) is rendered with the chat template, and then each
@@ -69,26 +79,33 @@ PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
 @dataclass(frozen=True)
 class PreferenceLoss:
     """One of the three objectives with its hyperparameters: ``beta`` (β of DPO and SimPO),
-    ``odds_ratio_weight`` (λ of ORPO), ``reward_margin`` (γ of SimPO)."""
+    ``odds_ratio_weight`` (λ of ORPO), ``reward_margin`` (γ of SimPO), ``chosen_nll_weight``
+    (α of the NLL anchor, DPO and SimPO)."""
 
     name: str
     beta: float = 0.1
     odds_ratio_weight: float = 0.1
     reward_margin: float = 1.0
+    chosen_nll_weight: float = 0.0
 
     @classmethod
     def of(cls, name: str, beta: float | None = None, odds_ratio_weight: float | None = None,
-           reward_margin: float | None = None) -> "PreferenceLoss":
+           reward_margin: float | None = None, chosen_nll_weight: float | None = None) -> "PreferenceLoss":
         if name not in PREFERENCE_OBJECTIVES:
             raise ConfigError(f"objective={name!r} is not a preference objective; allowed: {', '.join(PREFERENCE_OBJECTIVES)}")
         given = {"beta": beta if beta is not None else (2.0 if name == "simpo" else 0.1),
                  "odds_ratio_weight": 0.1 if odds_ratio_weight is None else odds_ratio_weight,
-                 "reward_margin": 1.0 if reward_margin is None else reward_margin}
+                 "reward_margin": 1.0 if reward_margin is None else reward_margin,
+                 "chosen_nll_weight": 0.0 if chosen_nll_weight is None else chosen_nll_weight}
         for key in ("beta", "odds_ratio_weight"):
             if not given[key] > 0:
                 raise ConfigError(f"{key} must be positive, got {given[key]!r}")
-        if given["reward_margin"] < 0:
-            raise ConfigError(f"reward_margin must be >= 0, got {given['reward_margin']!r}")
+        for key in ("reward_margin", "chosen_nll_weight"):
+            if not given[key] >= 0:
+                raise ConfigError(f"{key} must be >= 0, got {given[key]!r}")
+        if name == "orpo" and chosen_nll_weight:
+            raise ConfigError("chosen_nll_weight is for dpo and simpo: ORPO's loss already holds the chosen "
+                              "answer's NLL (scale the odds-ratio term with odds_ratio_weight instead)")
         return cls(name, **given)
 
     @property
@@ -102,14 +119,15 @@ class PreferenceLoss:
         if self.name == "dpo":
             reward_chosen = self.beta * (chosen - reference_chosen)
             reward_rejected = self.beta * (rejected - reference_rejected)
-            return -F.logsigmoid(reward_chosen - reward_rejected), reward_chosen.detach(), reward_rejected.detach()
+            loss = -F.logsigmoid(reward_chosen - reward_rejected) - self.chosen_nll_weight * chosen / chosen_tokens
+            return loss, reward_chosen.detach(), reward_rejected.detach()
         mean_chosen, mean_rejected = chosen / chosen_tokens, rejected / rejected_tokens
         if self.name == "orpo":
             log_odds = (mean_chosen - _log1m_exp(mean_chosen)) - (mean_rejected - _log1m_exp(mean_rejected))
             loss = -mean_chosen - self.odds_ratio_weight * F.logsigmoid(log_odds)
             scale = self.odds_ratio_weight
         else:
-            loss = -F.logsigmoid(self.beta * (mean_chosen - mean_rejected) - self.reward_margin)
+            loss = -F.logsigmoid(self.beta * (mean_chosen - mean_rejected) - self.reward_margin) - self.chosen_nll_weight * mean_chosen
             scale = self.beta
         return loss, (scale * mean_chosen).detach(), (scale * mean_rejected).detach()
 

@@ -57,6 +57,7 @@ class TrainSettings:
     beta: float | None = None  # DPO's and SimPO's beta (default 0.1 and 2.0)
     odds_ratio_weight: float | None = None  # ORPO's lambda (default 0.1)
     reward_margin: float | None = None  # SimPO's gamma (default 1.0)
+    chosen_nll_weight: float | None = None  # DPO's and SimPO's NLL anchor on the chosen answer (default 0)
     group_by_length: bool = True
     gradient_checkpointing: bool = False
     quantize: str | None = None  # nf4 | fp4 | int8: train on a quantized base (QLoRA with nf4)
@@ -92,7 +93,7 @@ class TrainSettings:
         check_choice("train_on", self.train_on, TRAIN_ON)
         check_choice("objective", self.objective, ("sft", *PREFERENCE_OBJECTIVES))
         if self.objective == "sft":
-            given = [name for name in ("beta", "odds_ratio_weight", "reward_margin") if getattr(self, name) is not None]
+            given = [name for name in ("beta", "odds_ratio_weight", "reward_margin", "chosen_nll_weight") if getattr(self, name) is not None]
             if given:
                 raise ConfigError(f"{', '.join(given)} set, but they belong to a preference objective; "
                                   f"add --objective {' | '.join(PREFERENCE_OBJECTIVES)}")
@@ -100,7 +101,7 @@ class TrainSettings:
             if self.task is not None:
                 raise ConfigError(f"--objective {self.objective} tunes a language model on preference pairs; "
                                   f"it does not combine with --task {self.task}")
-            PreferenceLoss.of(self.objective, self.beta, self.odds_ratio_weight, self.reward_margin)
+            PreferenceLoss.of(self.objective, self.beta, self.odds_ratio_weight, self.reward_margin, self.chosen_nll_weight)
         check_choice("attention", self.attention, ATTENTION_CHOICES)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not valid; allowed: {', '.join(SCHEDULES)}")
