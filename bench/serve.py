@@ -1,7 +1,7 @@
 """``deltatune serve`` under load: mixed-delta batches against one delta at a time.
 
 K random LoRA deltas (r=8, alpha=16 on the 7 projections of every block; A as initialised, B drawn
-with std 0.02 so every delta changes answers) go onto the bundled SmolLM2-135M-Instruct. Two
+with std 0.06 so the deltas answer differently) go onto the bundled SmolLM2-135M-Instruct. Two
 servers run side by side, each a real ``deltatune serve`` process on loopback with the same
 deltas: one decodes requests for different deltas in one continuous batch (the default), the
 other with ``--one-delta-at-a-time`` (a batch holds one delta's requests; the delta of the
@@ -54,7 +54,7 @@ def make_deltas(count: int, root: Path) -> dict[str, Path]:
         with torch.no_grad():
             for path, p in model.named_parameters():
                 if f".deltas.{name}." in path and path.endswith(".B"):  # zero at init, drawn here
-                    p.normal_(std=0.02)
+                    p.normal_(std=0.06)
         (dirs[name],) = dt.save(model, root / name, name)
     return dirs
 
