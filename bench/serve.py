@@ -1,7 +1,7 @@
 """``deltatune serve`` under load: mixed-delta batches against one delta at a time.
 
 K random LoRA deltas (r=8, alpha=16 on the 7 projections of every block; A as initialised, B drawn
-with std 0.02 so every delta changes answers) go onto the bundled SmolLM2-135M-Instruct. Two
+with std 0.06 so the deltas answer differently) go onto the bundled SmolLM2-135M-Instruct. Two
 servers run side by side, each a real ``deltatune serve`` process on loopback with the same
 deltas: one decodes requests for different deltas in one continuous batch (the default), the
 other with ``--one-delta-at-a-time`` (a batch holds one delta's requests; the delta of the
@@ -54,7 +54,7 @@ def make_deltas(count: int, root: Path) -> dict[str, Path]:
         with torch.no_grad():
             for path, p in model.named_parameters():
                 if f".deltas.{name}." in path and path.endswith(".B"):  # zero at init, drawn here
-                    p.normal_(std=0.02)
+                    p.normal_(std=0.06)
         (dirs[name],) = dt.save(model, root / name, name)
     return dirs
 
@@ -183,11 +183,14 @@ async def main() -> None:
             for process in servers.values():
                 process.wait(timeout=60)
 
-        wanted = references(dirs, {(r[1], asked[r[0] % len(asked)]) for *_, r in checked}, args.max_tokens, args.dtype)
+        # every delta's answer to the first question too, to show the deltas answer differently
+        # (a check that could not see a request routed to the wrong delta otherwise)
+        wanted = references(dirs, {(r[1], asked[r[0] % len(asked)]) for *_, r in checked}
+                            | {(name, asked[0]) for name in dirs}, args.max_tokens, args.dtype)
         wrong = [(mode, n, k, r) for mode, n, k, r in checked
                  if r[2] is not None and r[2].strip() != wanted[(r[1], asked[r[0] % len(asked)])]]
         lost = sum(r[2] is None for *_, r in checked)
-        distinct = len({wanted[(f"d{j}", asked[0])] for j in range(max(ks)) if (f"d{j}", asked[0]) in wanted})
+        distinct = len({wanted[(name, asked[0])] for name in dirs})
 
     print("\n| clients | deltas K | serving | requests (lost) | tokens/s | p50 latency | p95 latency | mixed / one-at-a-time |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -198,7 +201,7 @@ async def main() -> None:
               f"{f'{ratio:.2f}x' if mode == 'mixed' else ''} |")
     print(f"\nat N={max(client_counts)}: {len(checked)} requests, {lost} without an answer, {len(wrong)} answered "
           f"differently from deltatune generate; the first question's answer differs between deltas: "
-          f"{distinct} distinct answers")
+          f"{distinct} distinct answers from {len(dirs)} deltas")
     for mode, n, k, r in wrong[:5]:
         print(f"  {mode} N={n} K={k} {r[1]}: {r[2]!r} vs {wanted[(r[1], asked[r[0] % len(asked)])]!r}")
 

@@ -490,7 +490,14 @@ def _gathered_low_rank(
     """Σ over deltas of s·B A x on each delta's rows, as two batched matrix products: the K
     deltas' A and B (padded to the largest rank, s folded into B) are stacked behind a zero
     slot, gathered per row by the row's delta index (0: no low-rank delta), and applied with bmm.
-    With ``memo`` the gathered factors are kept there and reused for a batch of as many rows."""
+    With ``memo`` the gathered factors are kept there and reused for a batch of as many rows.
+
+    One token per row (a decoding step) takes two dense products instead: x times all K deltas'
+    stacked A, each row's slots of the other deltas zeroed by a mask, times the stacked B. It
+    reads each factor once rather than once per row, and a dense product beats K-row-long bmm
+    batches of vectors; the zeroed slots add exact zeros."""
+    if x.numel() == x.shape[0] * x.shape[-1]:
+        return _masked_low_rank(x, factors, rows_by_name, dtype, memo)
     key = (x.shape[0], dtype, x.device)
     if memo is not None and key in memo:
         a_rows, b_rows = memo[key]
@@ -501,6 +508,29 @@ def _gathered_low_rank(
     flat = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])
     low = torch.bmm(flat, a_rows.transpose(1, 2))
     return torch.bmm(low, b_rows.transpose(1, 2)).reshape(*x.shape[:-1], b_rows.shape[1])
+
+
+def _masked_low_rank(
+    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype,
+    memo: dict[tuple, tuple[Tensor, Tensor]] | None,
+) -> Tensor:
+    key = ("masked", x.shape[0], dtype, x.device)
+    if memo is not None and key in memo:
+        a_all, b_all, mask = memo[key]
+    else:
+        rank = max(a.shape[0] for a, _, _ in factors.values())
+        mask = x.new_zeros((x.shape[0], len(factors) * rank), dtype=dtype)
+        a_parts, b_parts = [], []
+        for slot, (name, (a, b, scale)) in enumerate(factors.items()):
+            pad = rank - a.shape[0]
+            a_parts.append(F.pad(a.to(dtype), (0, 0, 0, pad)))
+            b_parts.append(F.pad(b.to(dtype) * scale, (0, pad)))
+            mask[rows_by_name[name], slot * rank:(slot + 1) * rank] = 1
+        a_all, b_all = torch.cat(a_parts), torch.cat(b_parts, 1)  # (K·r, in), (out, K·r)
+        if memo is not None:
+            memo[key] = (a_all, b_all, mask)
+    flat = x.to(dtype).reshape(x.shape[0], x.shape[-1])
+    return ((flat @ a_all.T) * mask @ b_all.T).reshape(*x.shape[:-1], b_all.shape[0])
 
 
 def _gather_factors(
