@@ -111,6 +111,12 @@ async def load(url: str, clients: int, k: int, requests: int, max_tokens: int, a
     return time.perf_counter() - started, results
 
 
+async def server_stats(url: str) -> dict:
+    import openai
+
+    return await openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0).get("/stats", cast_to=object)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -177,6 +183,7 @@ async def main() -> None:
                               f"p95 {rows[-1][9]:.2f} s", flush=True)
                         if n == max(client_counts):
                             checked.extend((mode, n, k, r) for r in results)
+            engine_stats = {mode: await server_stats(urls[mode]) for mode in MODES}
         finally:
             for process in servers.values():
                 process.terminate()
@@ -202,6 +209,12 @@ async def main() -> None:
     print(f"\nat N={max(client_counts)}: {len(checked)} requests, {lost} without an answer, {len(wrong)} answered "
           f"differently from deltatune generate; the first question's answer differs between deltas: "
           f"{distinct} distinct answers from {len(dirs)} deltas")
+    for mode in MODES:
+        stats = engine_stats[mode]
+        print(f"{mode} server, all phases: {stats['steps']} decode steps ({stats['decode_seconds']:.1f} s), "
+              f"{stats['prefills']} prefills ({stats['prefill_seconds']:.1f} s), {stats['cached_prompt_tokens']} of "
+              f"{stats['prompt_tokens']} prompt tokens from the prefix cache, at most {stats['max_batch']} rows and "
+              f"{stats['max_models_in_a_step']} deltas in a step")
     for mode, n, k, r in wrong[:5]:
         print(f"  {mode} N={n} K={k} {r[1]}: {r[2]!r} vs {wanted[(r[1], asked[r[0] % len(asked)])]!r}")
 

@@ -349,13 +349,13 @@ def test_mixed_batch_of_several_loras_runs_as_one_gathered_product_equal_to_sepa
             dt.activate(model, name)
             separate[name] = model(**inputs).logits
     gathered = []
-    original = layer_module._gathered_low_rank
+    original = layer_module._stack_factors
 
-    def spy(x, factors, *rest):
+    def spy(factors, *rest):
         gathered.append(set(factors))
-        return original(x, factors, *rest)
+        return original(factors, *rest)
 
-    monkeypatch.setattr(layer_module, "_gathered_low_rank", spy)
+    monkeypatch.setattr(layer_module, "_stack_factors", spy)
     with dt.route(model, order):
         mixed = model(**inputs).logits
     assert gathered and all(names == {"a", "b", "c"} for names in gathered)  # DoRA went its own way

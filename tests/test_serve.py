@@ -24,7 +24,7 @@ from deltatune.train.evaluate import generate_completions
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from deltatune.serving.app import create_app  # noqa: E402  (needs fastapi, as the two above)
-from deltatune.serving.engine import Engine, RequestError, Sampling, Sequence  # noqa: E402
+from deltatune.serving.engine import PREFILL_FORWARD_TOKENS, length_groups, Engine, RequestError, Sampling, Sequence  # noqa: E402
 
 DELTAS = {
     "lora-a": dt.LoRAConfig(r=4, targets=["all-linear"]),
@@ -209,6 +209,7 @@ def test_sequences_join_and_leave_a_running_batch_between_steps(tiny_dir, delta_
     """The engine driven step by step: a request already decoding is joined by two more (one
     for the base), one leaves early; every answer is still generate's."""
     engine = engine_with(tiny_dir, delta_dirs)
+    assert engine._stacks  # the loaded LoRA deltas' factors were stacked when they were loaded
     tokenizer = engine.tokenizer
     asked = [("lora-a", "cat", 16), ("prefix", "a much longer prompt than the others", 9), (None, "sun", 3)]
     events = {name: [] for name, _, _ in asked}
@@ -228,17 +229,33 @@ def test_sequences_join_and_leave_a_running_batch_between_steps(tiny_dir, delta_
         text = "".join(value for kind, value in events[name] if kind == "text")
         assert events[name][-1][0] == "done"
         assert text.strip() == reference(tiny_dir, delta_dirs.get(name), prompt, max_tokens)
-    assert engine.stats.max_models_in_a_step == 3 and engine.stats.prefills == 2
+    # the two joining together prefill in one forward, or in two where padding the short prompt
+    # to the long one's width would cost more than another forward (length_groups)
+    joined = [len(encode_prompt(tokenizer, _user_prompt(tokenizer, prompt))) for _, prompt, _ in asked[1:]]
+    assert engine.stats.max_models_in_a_step == 3
+    assert engine.stats.prefills == 1 + len(length_groups(joined, PREFILL_FORWARD_TOKENS))
 
 
-def test_a_delta_that_puts_tokens_into_the_cache_is_refused(tiny_dir, tmp_path):
+def test_length_groups_split_joiners_where_padding_costs_more_than_a_forward():
+    assert length_groups([10, 12, 11], 32) == [[1, 2, 0]]
+    assert length_groups([100, 10, 12, 98], 32) == [[0, 3], [2, 1]]  # 2·100 + 2·12 + 64 < 4·100 + 32
+    assert length_groups([100, 10], 200) == [[0, 1]]  # a costly forward: pad rather than split
+    assert sorted(i for g in length_groups(list(range(1, 40, 3)), 8) for i in g) == list(range(13))
+    assert length_groups([], 32) == []
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("prompt", {"num_virtual_tokens": 2}, "virtual tokens"),  # cache columns beyond the tokens
+    ("lst", {}, "beside the KV cache"),  # a side network's cache of its own
+])
+def test_a_delta_whose_state_is_not_its_kv_cache_is_refused(tiny_dir, tmp_path, method, options, message):
     model, _ = load_model_and_tokenizer(str(tiny_dir))
-    dt.attach(model, dt.config("prompt", num_virtual_tokens=2), "prompted")
-    dt.save(model, tmp_path / "prompted", "prompted")
+    dt.attach(model, dt.config(method, **options), "odd")
+    dt.save(model, tmp_path / "odd", "odd")
     engine = engine_with(tiny_dir, {})
-    future = engine.load_delta("prompted", tmp_path / "prompted")
+    future = engine.load_delta("odd", tmp_path / "odd")
     engine.step()
-    with pytest.raises(dt.ConfigError, match="virtual tokens"):
+    with pytest.raises(dt.ConfigError, match=message):
         future.result()
     assert engine.models() == ["tiny"] and not dt.deltas(engine.model)
 
@@ -265,8 +282,8 @@ def test_serve_refuses_bad_options_in_one_line(args, message):
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
-def test_a_route_block_reuses_its_gathered_factors_only_without_gradients(tiny_dir, delta_dirs):
-    """The engine decodes many steps in one route() block: the gathered LoRA factors are kept
+def test_a_route_block_reuses_its_stacked_factors_only_without_gradients(tiny_dir, delta_dirs):
+    """The engine decodes many steps in one route() block: the stacked LoRA factors are kept
     for the block's next forward when nothing needs gradients, and the answers stay exact."""
     model, _ = load_model_and_tokenizer(str(tiny_dir))
     for name in ("lora-a", "lora-b"):
@@ -277,7 +294,7 @@ def test_a_route_block_reuses_its_gathered_factors_only_without_gradients(tiny_d
         with dt.route(model, names):
             routed = [model(first).logits, model(second).logits]
             layer = next(l for l in delta_layers(model).values() if l.routing is not None)
-            assert layer.routing.gathered  # kept after the first forward
+            assert layer.routing.stacks  # kept after the first forward
         for ids, got in zip((first, second), routed):
             for row, name in enumerate(names):
                 dt.activate(model, name) if name else dt.deactivate(model)
@@ -287,4 +304,82 @@ def test_a_route_block_reuses_its_gathered_factors_only_without_gradients(tiny_d
         p.requires_grad_(True)
     with dt.route(model, names):
         model(first).logits.sum().backward()
-        assert not any(l.routing.gathered for l in delta_layers(model).values())
+        assert not any(l.routing.stacks for l in delta_layers(model).values())
+
+
+def test_stacks_kept_across_routes_serve_any_row_order_and_subset_exactly(tiny_dir, delta_dirs, monkeypatch):
+    """A server hands one stacks dict to every route(): rows in another order, or a subset of the
+    stacked deltas, reuse the layers' stacked factors (one-token decoding rows and longer rows alike)
+    and compute what each delta computes alone."""
+    import deltatune.layer as layer_module
+
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    for name in ("lora-a", "lora-b"):
+        dt.load(model, delta_dirs[name], name, activate=False)
+    dt.attach(model, dt.LoRAConfig(r=3, targets=["all-linear"]), "lora-c", activate=False)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in dt.trainable_parameters(model, "lora-c"):
+            p.normal_(std=0.5)
+    stacked = []
+    original = layer_module._stack_factors
+    monkeypatch.setattr(layer_module, "_stack_factors", lambda factors, *rest: stacked.append(tuple(factors)) or original(factors, *rest))
+    stacks: dict = {}
+    batches = [["lora-a", "lora-b", "lora-c", None], ["lora-c", None, "lora-a", "lora-b"], ["lora-b", "lora-a", "lora-b", None]]
+    for width in (1, 4):  # a decoding step's one token per row, then a prefill's several
+        stacked.clear()
+        for names in batches:
+            ids = torch.randint(4, 90, (len(names), width))
+            with torch.no_grad(), dt.route(model, names, stacks=stacks):
+                got = model(ids).logits
+            for row, name in enumerate(names):
+                dt.activate(model, name) if name else dt.deactivate(model)
+                with torch.no_grad():
+                    torch.testing.assert_close(got[row], model(ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-5)
+            dt.deactivate(model)
+        # each layer stacked once, its deltas in attach order, for the first batch (width 1); never again
+        if width == 1:
+            assert len(stacked) == len(stacks) > 0
+            assert set(stacked) == {("lora-a", "lora-b", "lora-c"), ("lora-a", "lora-c")}
+        else:
+            assert stacked == []
+
+
+def test_prompts_sharing_a_prefix_reuse_its_keys_and_values_per_delta(client, server, tiny_dir, delta_dirs):
+    """A prompt that starts like an earlier prompt of the same delta takes the shared whole blocks
+    of keys and values from the prefix cache (usage.prompt_tokens_details says how many tokens) and
+    answers as generate does; each delta (and the base) keeps its own blocks. A concurrent burst
+    mixing cached and uncached prefixes in one prefill answers the same."""
+    shared = "the quick brown fox jumps over the lazy dog and runs far away " * 3
+
+    def generated(name, prompt, tokens=6):
+        model, tokenizer = _load_with_delta(str(tiny_dir), delta_dirs.get(name))
+        return generate_completions(model, tokenizer, [prompt], max_new_tokens=tokens)[0]
+
+    for name in ("lora-a", "lora-b", "prefix", None):
+        replies = [client.completions.create(model=name or "tiny", prompt=shared + tail, max_tokens=6, temperature=0)
+                   for tail in ("cat", "sun")]
+        cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
+        assert cached[0] == 0 and cached[1] >= 16 and cached[1] % 16 == 0, (name, cached)
+        assert cached[1] < replies[1].usage.prompt_tokens
+        for reply, tail in zip(replies, ("cat", "sun")):
+            assert reply.choices[0].text.strip() == generated(name, shared + tail)
+
+    stats_before = openai.OpenAI(base_url=server, api_key=KEY).get("/stats", cast_to=object)
+    fresh = "a small red boat sails across the wide blue sea at dawn " * 3
+    asked = [("lora-a", shared + "moon"), ("lora-a", fresh + "moon"), ("lora-b", fresh + "star"),
+             ("lora-b", fresh + "tree"), ("prefix", shared + "star"), (None, fresh + "cat")]
+
+    async def ask_all():
+        async_client = openai.AsyncOpenAI(base_url=server, api_key=KEY, max_retries=0)
+        return await asyncio.gather(*(async_client.completions.create(model=name or "tiny", prompt=prompt, max_tokens=6,
+                                                                      temperature=0) for name, prompt in asked))
+
+    replies = asyncio.run(ask_all())
+    for (name, prompt), reply in zip(asked, replies):
+        assert reply.choices[0].text.strip() == generated(name, prompt)
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
+    assert cached[0] > 0 and cached[4] > 0 and cached[1] == cached[2] == cached[5] == 0
+    assert cached[3] > 0  # waited one step for lora-b's other request to compute the shared blocks
+    stats = openai.OpenAI(base_url=server, api_key=KEY).get("/stats", cast_to=object)
+    assert stats["cached_prompt_tokens"] - stats_before["cached_prompt_tokens"] == sum(cached)

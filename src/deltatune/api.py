@@ -61,7 +61,7 @@ def deltas(model: nn.Module) -> dict[str, DeltaInfo]:
 
 def chosen_names(model: nn.Module, names: str | Iterable[str] | None, default: Iterable[str]) -> list[str]:
     """``names`` (one, several, or None for ``default``), each checked to be attached to ``model``."""
-    existing = deltas(model)
+    existing = dict.fromkeys(n for layer in delta_layers(model).values() for n in layer.deltas)
     chosen = [names] if isinstance(names, str) else list(default if names is None else names)
     for name in chosen:
         if name not in existing:
@@ -454,22 +454,28 @@ def merge_and_detach(model: nn.Module, names: str | Iterable[str] | None = None)
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[nn.Module]:
+def route(model: nn.Module, names_per_sample: Sequence[str | None], *, stacks: dict | None = None) -> Iterator[nn.Module]:
     """Mixed batch: sample i goes through delta ``names_per_sample[i]`` (None: the base model).
 
     Works with ``generate`` (beams and multiple sequences per prompt included). Merged deltas
     must be unmerged first, since their update is in the shared weights. Without gradients,
-    the low-rank factors gathered for the rows are kept for the block's next forward (a
-    decoding loop's steps): change no delta's weights inside one ``route`` block.
+    the low-rank factors stacked and gathered for the rows are kept for the block's next
+    forward (a decoding loop's steps): change no delta's weights inside one ``route`` block.
+
+    ``stacks``: a dict, empty at first, that keeps each layer's stacked low-rank factors beyond
+    this block; pass the same dict to later ``route`` calls (a server whose batch's rows change
+    from step to step) so that only a layer whose set of routed deltas changed restacks. The
+    contract extends to it: clear it after changing, deleting or replacing any delta's weights.
     """
     check_model("route", model)
-    infos = deltas(model)
     wanted = [n for n in dict.fromkeys(names_per_sample) if n is not None]
     chosen_names(model, wanted, ())
+    layers = list(delta_layers(model).values())
+    configs = {n: d.config for layer in layers for n, d in layer.deltas.items()}
     for name in wanted:
-        if not infos[name].config.supports_mixed_batch:
-            raise ConfigError(f"method {infos[name].config.method!r} of delta {name!r} does not support mixed batches")
-    merged = [n for n, i in infos.items() if i.merged]
+        if not configs[name].supports_mixed_batch:
+            raise ConfigError(f"method {configs[name].method!r} of delta {name!r} does not support mixed batches")
+    merged = [n for layer in layers for n in layer.merged]
     if merged:
         raise ConfigError(f"delta {merged[0]!r} is merged into the weights; unmerge it before routing a mixed batch")
     if active_block(model) is not None:
@@ -477,8 +483,7 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None]) -> Iterator[
             f"composition block {active_block(model)!r} is active and decides what each row runs; activate plain "
             "names before route(), or split the batch with dt.BatchSplit instead"
         )
-    routing = Routing(list(names_per_sample))
-    layers = list(delta_layers(model).values())
+    routing = Routing(list(names_per_sample), stacks)
     if any(d.per_sample_tasks is not None for layer in layers for d in layer.deltas.values()):
         raise ConfigError("deltatune.task_route is active: a delta's per-sample tasks cannot be "
                           "combined with route(); route its tasks with task_route alone")

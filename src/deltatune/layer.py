@@ -8,7 +8,7 @@ layers, and nowhere else.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -189,12 +189,12 @@ class Routing:
     sample in place; rows are then mapped back to their sample by integer division.
     """
 
-    def __init__(self, names_per_sample: list[str | None]):
+    def __init__(self, names_per_sample: list[str | None], stacks: dict | None = None):
         self.names_per_sample = list(names_per_sample)
-        self._cache: dict[tuple[int, torch.device], dict[str, Tensor]] = {}
-        #: per layer: the gathered low-rank factors of its rows, kept for the next forward of this
-        #: routing (a decoding loop's steps) while nothing needs their gradients
-        self.gathered: dict[int, dict[tuple, tuple[Tensor, Tensor]]] = {}
+        self._cache: dict[tuple, Any] = {}
+        #: per layer: its routed deltas' low-rank factors stacked, for the deltas last routed
+        #: through it; a caller may own this dict and hand it to later routings (see route())
+        self.stacks: dict[int, tuple] = {} if stacks is None else stacks
 
     def rows_for(self, rows: int, device: torch.device) -> dict[str, Tensor]:
         key = (rows, device)
@@ -206,6 +206,43 @@ class Routing:
                 if name is not None:
                     groups.setdefault(name, []).append(row)
             self._cache[key] = {n: torch.tensor(r, device=device) for n, r in groups.items()}
+        return self._cache[key]
+
+    def stacked_factors(self, layer: "DeltaLayer", factors: dict[str, tuple[Tensor, Tensor, float]],
+                        dtype: torch.dtype) -> tuple[tuple[str, ...], Tensor, Tensor]:
+        """``layer``'s deltas' factors stacked (:func:`_stack_factors`) and the names of their
+        slots, in attach order. A stack serves any batch whose deltas it holds, while it holds
+        at most twice as many plus eight (a delta without rows in the batch costs a slot of
+        discarded products); a new stack takes all the layer's low-rank deltas within that
+        bound, so that a server's changing batches over a few dozen deltas stack them once."""
+        held = self.stacks.get(id(layer))
+        bound = 2 * len(factors) + 8
+        if held is not None:
+            names, members, held_dtype, stacked = held
+            if held_dtype == dtype and members.issuperset(factors) and len(names) <= bound:
+                return (names, *stacked)
+        every = {n: f for n, d in layer.deltas.items() if (f := factors.get(n) or d.low_rank_factors()) is not None}
+        if len(every) <= bound:
+            factors = every
+        names = tuple(factors)
+        stacked = _stack_factors(factors, dtype)
+        self.stacks[id(layer)] = (names, frozenset(names), dtype, stacked)
+        return (names, *stacked)
+
+    def slot_groups(self, names: tuple[str, ...], rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The rows of each of ``names`` side by side for a product batched over the deltas:
+        ``gather`` (len(names)·per_slot,) takes delta k's rows into places k·per_slot onwards
+        (places beyond a delta's rows repeat row 0 and are dropped), ``kept`` are the places that
+        hold a row and ``rows_kept`` those rows; ``per_slot`` is the most rows any delta has."""
+        key = ("groups", names, rows, device)
+        if key not in self._cache:
+            by_name = self.rows_for(rows, device)
+            members = [by_name[name].tolist() if name in by_name else [] for name in names]
+            per_slot = max(1, *(len(m) for m in members))
+            gather = [m[j] if j < len(m) else 0 for m in members for j in range(per_slot)]
+            kept = [number * per_slot + j for number, m in enumerate(members) for j in range(len(m))]
+            rows_kept = [row for m in members for row in m]
+            self._cache[key] = (*(torch.tensor(t, dtype=torch.long, device=device) for t in (gather, kept, rows_kept)), per_slot)
         return self._cache[key]
 
 
@@ -335,19 +372,17 @@ class DeltaLayer(nn.Module):
         return values
 
     def _routed_forward(self, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        # pure low-rank deltas (plain LoRA) all at once by a gathered batched product; any other
+        # pure low-rank deltas (plain LoRA) all at once, by products batched over the deltas; any other
         # delta by one gather/scatter of its rows; never a loop over samples
         out = self.base(x, *args, **kwargs)
         rows_by_name = {n: r for n, r in self.routing.rows_for(x.shape[0], x.device).items() if n in self.deltas}
         factors = {}
-        if self.backend.takes_activations:
-            factors = {n: f for n in rows_by_name if (f := self.deltas[n].low_rank_factors()) is not None}
+        if self.backend.takes_activations:  # in attach order, so a stack of them serves any order of rows
+            factors = {n: f for n, d in self.deltas.items() if n in rows_by_name and (f := d.low_rank_factors()) is not None}
         result = out
         wider: list[tuple[Tensor, Tensor]] = []
         if len(factors) > 1:  # a single one is cheaper on its own rows alone
-            reusable = not (torch.is_grad_enabled() and any(t.requires_grad for a, b, _ in factors.values() for t in (a, b)))
-            memo = self.routing.gathered.setdefault(id(self), {}) if reusable else None
-            result = out + _gathered_low_rank(x, factors, rows_by_name, out.dtype, memo)
+            result = self._low_rank_rows(x, out, factors)
         else:
             factors = {}
         for name, rows in rows_by_name.items():
@@ -366,6 +401,29 @@ class DeltaLayer(nn.Module):
         if wider:
             result = padded_rows([(torch.arange(x.shape[0], device=x.device), result), *wider], result)
         return result
+
+    def _low_rank_rows(self, x: Tensor, out: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]]) -> Tensor:
+        """``out`` plus s·B A x on each delta's rows, for two or more plain low-rank deltas.
+
+        Their factors are stacked (:func:`_stack_factors`; kept by the routing while these deltas
+        are routed and nothing needs their gradients) and each delta's rows taken side by side
+        (:meth:`Routing.slot_groups`), so the update is two matrix products batched over the
+        deltas, each reading its delta's factors once, whether a row holds one token (a decoding
+        step) or many. Without gradients the update is added into ``out`` in place: rows of no
+        low-rank delta are not touched."""
+        routing, rows, dtype = self.routing, x.shape[0], out.dtype
+        reusable = not (torch.is_grad_enabled() and any(t.requires_grad for a, b, _ in factors.values() for t in (a, b)))
+        if reusable:
+            names, a_slots, b_slots = routing.stacked_factors(self, factors, dtype)
+        else:
+            names, (a_slots, b_slots) = tuple(factors), _stack_factors(factors, dtype)
+        gather, kept, rows_kept, per_slot = routing.slot_groups(names, rows, x.device)
+        side_by_side = x.to(dtype).index_select(0, gather).reshape(len(names), -1, x.shape[-1])
+        update = torch.bmm(torch.bmm(side_by_side, a_slots), b_slots)  # (deltas, per_slot·tokens, out)
+        update = update.reshape(len(names) * per_slot, *out.shape[1:]).index_select(0, kept)
+        if torch.is_grad_enabled():
+            return out.index_add(0, rows_kept, update)
+        return out.index_add_(0, rows_kept, update)
 
     # merging ---------------------------------------------------------------------------------
 
@@ -483,72 +541,15 @@ def padded_rows(pieces: list[tuple[Tensor, Tensor]], reference: Tensor) -> Tenso
     return result
 
 
-def _gathered_low_rank(
-    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype,
-    memo: dict[tuple, tuple[Tensor, Tensor]] | None = None,
-) -> Tensor:
-    """Σ over deltas of s·B A x on each delta's rows, as two batched matrix products: the K
-    deltas' A and B (padded to the largest rank, s folded into B) are stacked behind a zero
-    slot, gathered per row by the row's delta index (0: no low-rank delta), and applied with bmm.
-    With ``memo`` the gathered factors are kept there and reused for a batch of as many rows.
-
-    One token per row (a decoding step) takes two dense products instead: x times all K deltas'
-    stacked A, each row's slots of the other deltas zeroed by a mask, times the stacked B. It
-    reads each factor once rather than once per row, and a dense product beats K-row-long bmm
-    batches of vectors; the zeroed slots add exact zeros."""
-    if x.numel() == x.shape[0] * x.shape[-1]:
-        return _masked_low_rank(x, factors, rows_by_name, dtype, memo)
-    key = (x.shape[0], dtype, x.device)
-    if memo is not None and key in memo:
-        a_rows, b_rows = memo[key]
-    else:
-        a_rows, b_rows = _gather_factors(x, factors, rows_by_name, dtype)
-        if memo is not None:
-            memo[key] = (a_rows, b_rows)
-    flat = x.to(dtype).reshape(x.shape[0], -1, x.shape[-1])
-    low = torch.bmm(flat, a_rows.transpose(1, 2))
-    return torch.bmm(low, b_rows.transpose(1, 2)).reshape(*x.shape[:-1], b_rows.shape[1])
-
-
-def _masked_low_rank(
-    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype,
-    memo: dict[tuple, tuple[Tensor, Tensor]] | None,
-) -> Tensor:
-    key = ("masked", x.shape[0], dtype, x.device)
-    if memo is not None and key in memo:
-        a_all, b_all, mask = memo[key]
-    else:
-        rank = max(a.shape[0] for a, _, _ in factors.values())
-        mask = x.new_zeros((x.shape[0], len(factors) * rank), dtype=dtype)
-        a_parts, b_parts = [], []
-        for slot, (name, (a, b, scale)) in enumerate(factors.items()):
-            pad = rank - a.shape[0]
-            a_parts.append(F.pad(a.to(dtype), (0, 0, 0, pad)))
-            b_parts.append(F.pad(b.to(dtype) * scale, (0, pad)))
-            mask[rows_by_name[name], slot * rank:(slot + 1) * rank] = 1
-        a_all, b_all = torch.cat(a_parts), torch.cat(b_parts, 1)  # (K·r, in), (out, K·r)
-        if memo is not None:
-            memo[key] = (a_all, b_all, mask)
-    flat = x.to(dtype).reshape(x.shape[0], x.shape[-1])
-    return ((flat @ a_all.T) * mask @ b_all.T).reshape(*x.shape[:-1], b_all.shape[0])
-
-
-def _gather_factors(
-    x: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]], rows_by_name: dict[str, Tensor], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def _stack_factors(factors: dict[str, tuple[Tensor, Tensor, float]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The K deltas' Aᵀ as (K, in, r) and s·Bᵀ as (K, r, out), padded with zeros to their largest rank r."""
     rank = max(a.shape[0] for a, _, _ in factors.values())
-    first_a, first_b, _ = next(iter(factors.values()))
-    index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    a_parts = [x.new_zeros((rank, first_a.shape[1]), dtype=dtype)]
-    b_parts = [x.new_zeros((first_b.shape[0], rank), dtype=dtype)]
-    for slot, (name, (a, b, scale)) in enumerate(factors.items(), start=1):
+    a_parts, b_parts = [], []
+    for a, b, scale in factors.values():
         pad = rank - a.shape[0]
-        a_parts.append(F.pad(a.to(dtype), (0, 0, 0, pad)))
-        b_parts.append(F.pad(b.to(dtype) * scale, (0, pad)))
-        index[rows_by_name[name]] = slot
-    a_rows = torch.stack(a_parts).index_select(0, index)  # (rows, r, in)
-    b_rows = torch.stack(b_parts).index_select(0, index)  # (rows, out, r)
-    return a_rows, b_rows
+        a_parts.append(F.pad(a.to(dtype), (0, 0, 0, pad)).T)
+        b_parts.append(F.pad(b.to(dtype) * scale, (0, pad)).T)
+    return torch.stack(a_parts), torch.stack(b_parts)
 
 
 def _bind_call(delta: Delta, module: nn.Module, run, rows: RowSelector):

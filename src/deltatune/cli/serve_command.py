@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+import threading
+import time
 from typing import List, Optional
 
 import typer
@@ -51,6 +54,7 @@ def serve(
     max_delta_mib: float = typer.Option(2048.0, min=0, help="most MiB of delta parameters loaded at once"),
     mixed: bool = typer.Option(True, "--mixed/--one-delta-at-a-time", help="decode requests for different deltas in one batch (default), or one delta's requests at a time"),
     gather_ms: float = typer.Option(0.0, min=0, help="when idle, wait this long after a request for others, to start a burst as one batch"),
+    prefix_cache_mib: float = typer.Option(512.0, min=0, help="MiB of prompt prefixes' keys and values kept per delta for later prompts that start the same (0: off)"),
     chat_max_tokens: int = typer.Option(256, min=1, help="a chat answer's length when the request sets no max_tokens"),
     dtype: Optional[str] = typer.Option(None, help="the base's dtype: float32 (default) | bfloat16 | float16 | auto"),
 ):
@@ -75,16 +79,31 @@ def serve(
     base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
     engine = Engine(base, tokenizer, base_name=model or DEFAULT_MODEL, mixed=mixed, max_batch=max_batch,
                     max_waiting=max_waiting, max_deltas=max_deltas, max_delta_bytes=int(max_delta_mib * 2**20),
-                    gather_ms=gather_ms)
-    for name, directory in chosen.items():
-        future = engine.load_delta(name, directory)
-        engine.step()  # no thread runs the engine yet: do the load now
+                    gather_ms=gather_ms, prefix_cache_bytes=int(prefix_cache_mib * 2**20))
+    futures = {name: engine.load_delta(name, directory) for name, directory in chosen.items()}
+    engine.step()  # nothing runs the engine yet: load them now
+    for name, future in futures.items():
         try:
             future.result()
         except RequestError as exc:
-            raise ConfigError(f"--delta {name}={directory}: {exc}") from None
+            raise ConfigError(f"--delta {name}={chosen[name]}: {exc}") from None
+    # HTTP on a thread, the engine on this, the main thread: torch runs its products from the main
+    # thread about a third faster on CPU (its OpenMP workers belong to the first thread that used them)
+    app_ = create_app(engine, api_key=api_key, allow_admin=allow_admin, chat_max_tokens=chat_max_tokens, run_engine=False)
+    server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="deltatune-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise ConfigError(f"could not listen on {host}:{port}; is another server using the port?")
+        time.sleep(0.05)
     console.print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1 "
                   f"({'mixed batches' if mixed else 'one delta at a time'}; admin routes {'on' if allow_admin else 'off'})",
                   highlight=False)
-    uvicorn.run(create_app(engine, api_key=api_key, allow_admin=allow_admin, chat_max_tokens=chat_max_tokens),
-                host=host, port=port, log_level="warning")
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # finish the step, answer what is left, then stop
+        signal.signal(stop_signal, lambda *_: engine.stop())
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)

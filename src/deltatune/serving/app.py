@@ -97,19 +97,24 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_admin: bool = False,
-               chat_max_tokens: int = 256) -> FastAPI:
-    """The server's FastAPI app; it runs ``engine`` on a thread of its own while it is up.
-    ``chat_max_tokens`` is a chat answer's length when the request sets none."""
+               chat_max_tokens: int = 256, run_engine: bool = True) -> FastAPI:
+    """The server's FastAPI app; it runs ``engine`` on a thread of its own while it is up, unless
+    ``run_engine`` is False and the caller runs :meth:`Engine.run` (``deltatune serve`` runs it on
+    the main thread, where torch's OpenMP workers serve it faster); the app stops the engine
+    when it shuts down either way. ``chat_max_tokens`` is a chat answer's length when the request
+    sets none."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=engine.run, name="deltatune-engine", daemon=True)
-        thread.start()
+        thread = threading.Thread(target=engine.run, name="deltatune-engine", daemon=True) if run_engine else None
+        if thread is not None:
+            thread.start()
         try:
             yield
         finally:
             engine.stop()
-            await asyncio.to_thread(thread.join)
+            if thread is not None:
+                await asyncio.to_thread(thread.join)
 
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
     tokenizer_lock = engine.tokenizer_lock
@@ -175,8 +180,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_admin: bool 
     async def _answer(body: _Sampled, ids: list[int], sampling: Sampling, chat: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        sequence = Sequence(model=engine.resolve(body.model), prompt=ids, sampling=sampling,
-                            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+        def emit(event: tuple[str, Any]) -> None:
+            # an answer sent whole needs only the end: no wake-up of the event loop per token,
+            # which would take the interpreter from the engine's thread at every step
+            if body.stream or event[0] != "text":
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        sequence = Sequence(model=engine.resolve(body.model), prompt=ids, sampling=sampling, emit=emit)
         engine.submit(sequence)
         answer_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.model or engine.base_name
@@ -185,19 +196,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_admin: bool 
         if body.stream:
             return StreamingResponse(_stream(sequence, events, head, chat), media_type="text/event-stream")
         try:
-            pieces = []
-            while True:
-                kind, value = await events.get()
-                if kind == "text":
-                    pieces.append(value)
-                elif kind == "error":
-                    return _error(500, value)
-                else:
-                    break
+            kind, value = await events.get()
         except asyncio.CancelledError:
             sequence.cancel()
             raise
-        text = "".join(pieces)
+        if kind == "error":
+            return _error(500, value)
+        text = sequence.text
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": value} if chat
                   else {"index": 0, "text": text, "logprobs": None, "finish_reason": value})
         return {**head, "choices": [choice], "usage": _usage(sequence)}
@@ -235,9 +240,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_admin: bool 
     def _max_tokens(value: int | None, default: int) -> int:
         return default if value is None else value
 
-    def _usage(sequence: Sequence) -> dict[str, int]:
+    def _usage(sequence: Sequence) -> dict[str, Any]:
         prompt, completion = len(sequence.prompt), len(sequence.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sequence.cached_tokens}}
 
     @app.post("/v1/admin/deltas")
     async def load_delta(body: LoadRequest):

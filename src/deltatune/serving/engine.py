@@ -47,6 +47,7 @@ from ..io import load
 from ..layer import delta_layers
 from ..train.evaluate import stop_token_ids
 from ..upstream import cache_keyword
+from .prefix_cache import PrefixCache
 
 #: the ``model`` a request names to get the base model without any delta, besides the base's own name
 BASE = None
@@ -100,6 +101,7 @@ class Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values the prefix cache gave
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -118,8 +120,12 @@ class Stats:
     max_batch: int = 0             # most sequences in one decode step
     max_models_in_a_step: int = 0  # most distinct deltas (the base counts as one) in one decode step
     mixed_steps: int = 0           # decode steps whose rows used two or more deltas
+    prompt_tokens: int = 0         # prompt tokens of the sequences prefilled
+    cached_prompt_tokens: int = 0  # of those, tokens whose keys and values came from the prefix cache
+    prefill_seconds: float = 0.0  # spent in prefill forwards and joining their rows to the batch
+    decode_seconds: float = 0.0   # spent in decode steps
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
@@ -139,12 +145,13 @@ class Engine:
     mixed batches does, kept for comparison. ``gather_ms``: when a request finds the engine idle,
     wait up to that long for more to arrive, so a burst starts as one batch. Limits: ``max_batch`` running sequences,
     ``max_waiting`` queued ones (more are refused with 503), ``max_deltas`` deltas holding at
-    most ``max_delta_bytes`` of parameters together.
+    most ``max_delta_bytes`` of parameters together, ``prefix_cache_bytes`` of cached prompt
+    prefixes' keys and values (:mod:`~deltatune.serving.prefix_cache`; 0: none).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, base_name: str, mixed: bool = True,
                  max_batch: int = 32, max_waiting: int = 256, max_deltas: int = 64,
-                 max_delta_bytes: int = 2 * 2**30, gather_ms: float = 0.0):
+                 max_delta_bytes: int = 2 * 2**30, gather_ms: float = 0.0, prefix_cache_bytes: int = 512 * 2**20):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         self.model = model.eval()
@@ -156,6 +163,7 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_deltas, self.max_delta_bytes = max_deltas, max_delta_bytes
         self.gather_seconds = gather_ms / 1000
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = set(stop_token_ids(model, tokenizer))
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2**31)
@@ -179,6 +187,8 @@ class Engine:
         self._active: str | None = None  # the delta activated for batches of one delta
         self._routing = contextlib.ExitStack()  # holds the route() of the rows decoding now, if mixed
         self._routed_names: list[str | None] | None = None
+        #: the layers' stacked low-rank factors, kept across routings (route()'s stacks); emptied when deltas change
+        self._stacks: dict = {}
 
     # --- requests (any thread) ------------------------------------------------------------------
 
@@ -274,20 +284,38 @@ class Engine:
         if self._active == name:
             self._use(None)
         delete(self.model, name)
+        self.prefix_cache.forget(name)
         with self._lock:
             del self.deltas[name]
 
     def _probe(self, name: str) -> None:
-        """Refuse a delta whose rows do not keep one cache column per token (prompt tuning)."""
+        """Refuse a delta whose rows do not keep one cache column per token (prompt tuning), or
+        that keeps state beside the KV cache (a side network's own cache): the engine rebuilds
+        caches when rows join and leave, and fills them from the prefix cache."""
         ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
         cache = self._new_cache()
         with torch.no_grad(), route(self.model, [name]):
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                        **{self._cache_keyword: cache})
-        if cache.get_seq_length() != ids.shape[1]:
-            raise ConfigError(f"delta {name!r} ({type(self._config_of(name)).__name__}) puts virtual tokens into the "
-                              "KV cache, so its requests cannot join or leave a running batch; serve its merged model "
-                              "or another method")
+            if cache.get_seq_length() != ids.shape[1]:
+                raise ConfigError(f"delta {name!r} ({type(self._config_of(name)).__name__}) puts virtual tokens into "
+                                  "the KV cache, so its requests cannot join or leave a running batch; serve its merged "
+                                  "model or another method")
+            from transformers import DynamicCache
+
+            following = {"input_ids": ids[:, :1], "attention_mask": torch.ones_like(ids[:, :1]).repeat(1, 3),
+                         "position_ids": torch.tensor([[2]], device=self.device), "use_cache": True}
+            rebuilt = DynamicCache(_cache_tensors(cache))
+            try:
+                continued = self.model(**following, **{self._cache_keyword: rebuilt}).logits
+            except DeltatuneError as exc:
+                raise ConfigError(f"delta {name!r} ({type(self._config_of(name)).__name__}) keeps state beside the KV "
+                                  f"cache, so its requests cannot join or leave a running batch ({exc}); serve its merged "
+                                  "model or another method") from None
+            if not torch.allclose(continued, self.model(**following, **{self._cache_keyword: cache}).logits,
+                                  atol=1e-4, rtol=1e-4):
+                raise ConfigError(f"delta {name!r} ({type(self._config_of(name)).__name__}) computes differently from a "
+                                  "copy of its KV cache, so its requests cannot join or leave a running batch")
 
     def _config_of(self, name: str):
         return next(layer.deltas[name].config for layer in delta_layers(self.model).values() if name in layer.deltas)
@@ -326,9 +354,16 @@ class Engine:
         joining = self._admit()
         try:
             if joining:
-                self._prefill(joining)
+                started = time.perf_counter()
+                cached = [self.prefix_cache.lookup(s.model, s.prompt) for s in joining]
+                rest = [len(s.prompt) - (0 if kv is None else kv.shape[3]) for s, kv in zip(joining, cached)]
+                for group in length_groups(rest, PREFILL_FORWARD_TOKENS):
+                    self._prefill([joining[i] for i in group], [cached[i] for i in group])
+                self.stats.prefill_seconds += time.perf_counter() - started
             if self._running:
+                started = time.perf_counter()
                 self._decode()
+                self.stats.decode_seconds += time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - every request in the batch is answered, the loop goes on
             message = str(exc) if isinstance(exc, DeltatuneError) else f"{type(exc).__name__}: {exc}"
             for sequence in self._running + joining:
@@ -345,15 +380,31 @@ class Engine:
             self._admin.clear()
         if todo:
             self._end_routing()  # deltas are attached and deleted outside any routing
+            self._stacks.clear()
+        done = []
         for action, future, waits_for in todo:
             if waits_for is not None and self.deltas[waits_for].in_use:
                 with self._lock:  # its requests are still being answered: try again after this step
                     self._admin.append((action, future, waits_for))
                 continue
             try:
-                future.set_result(action())
+                done.append((future, action()))
             except Exception as exc:  # noqa: BLE001 - handed to the caller through the future
                 future.set_exception(exc)
+        if done:
+            self._stack_deltas()
+        for future, result in done:
+            future.set_result(result)
+
+    def _stack_deltas(self) -> None:
+        """Stack the loaded deltas' low-rank factors now (route()'s stacks), by one token routed to
+        each, rather than in the first mixed batch that meets them."""
+        names = [name for name, delta in self.deltas.items() if not delta.unloading]
+        if not self.mixed or len(names) < 2:
+            return
+        ids = torch.full((len(names), 1), self.pad_id, dtype=torch.long, device=self.device)
+        with torch.no_grad(), route(self.model, names, stacks=self._stacks):
+            self.model(input_ids=ids, use_cache=False)
 
     def _admit(self) -> list[Sequence]:
         with self._lock:
@@ -365,7 +416,18 @@ class Engine:
                 taken = [s for s in self._waiting if s.model == current][:room]
                 for sequence in taken:
                     self._waiting.remove(sequence)
-        return [s for s in taken if not self._finish_if_cancelled(s)]
+        taken = [s for s in taken if not self._finish_if_cancelled(s)]
+        # a joiner whose prompt's next uncached block another joiner computes now waits one step
+        # and then finds it cached (a burst of requests sharing a system prompt computes it once)
+        claimed, now, later = set(), [], []
+        for sequence in taken:
+            block = self.prefix_cache.next_missing(sequence.model, sequence.prompt)
+            (later if block is not None and block in claimed else now).append(sequence)
+            claimed.add(block)
+        if later:
+            with self._lock:
+                self._waiting.extendleft(reversed(later))
+        return now
 
     def _finish_if_cancelled(self, sequence: Sequence) -> bool:
         if sequence.cancelled:
@@ -400,7 +462,7 @@ class Engine:
             # the routing stays on while the batch's rows stay the same, so its gathered
             # low-rank factors serve every step until a sequence joins or leaves
             self._end_routing()
-            self._routing.enter_context(route(self.model, names))
+            self._routing.enter_context(route(self.model, names, stacks=self._stacks))
             self._routed_names = list(names)
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -420,18 +482,29 @@ class Engine:
                 activate(self.model, name)
             self._active = name
 
-    def _prefill(self, joining: list[Sequence]) -> None:
-        width = max(len(s.prompt) for s in joining)
+    def _prefill(self, joining: list[Sequence], cached: list[torch.Tensor | None]) -> None:
+        """Run the joiners' prompts, each after its cached prefix (``cached``: its keys and values,
+        or None): the cached keys and values right-aligned in the cache's first columns, the rest
+        of each prompt right-aligned after them (columns between the two are masked), then stack
+        them under the batch."""
+        done = [0 if kv is None else kv.shape[3] for kv in cached]
+        width, prefix = max(len(s.prompt) - d for s, d in zip(joining, done)), max(done)
         ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joining), width), dtype=torch.long)
-        for row, sequence in enumerate(joining):
-            ids[row, width - len(sequence.prompt):] = torch.tensor(sequence.prompt)
-            mask[row, width - len(sequence.prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
-        cache = self._new_cache()
+        mask = torch.zeros((len(joining), prefix + width), dtype=torch.long)
+        for row, (sequence, skipped) in enumerate(zip(joining, done)):
+            rest = sequence.prompt[skipped:]
+            ids[row, width - len(rest):] = torch.tensor(rest)
+            mask[row, prefix - skipped:prefix] = 1
+            mask[row, prefix + width - len(rest):] = 1
+            sequence.cached_tokens = skipped
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, prefix:]  # as generate computes them
+        cache = self._cache_from(cached, prefix) if prefix else self._new_cache()
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         logits = self._forward([s.model for s in joining], ids, mask, positions, cache)
         self.stats.prefills += 1
+        self.stats.prompt_tokens += sum(len(s.prompt) for s in joining)
+        self.stats.cached_prompt_tokens += sum(done)
+        self._remember_prefixes(joining, done, cache, mask)
         tokens = self._sample(joining, logits)
         lengths = mask.sum(-1)
         keep = [row for row, s in enumerate(joining) if not self._advance(s, int(tokens[row]))]
@@ -442,6 +515,28 @@ class Engine:
             cache.batch_select_indices(index)
         self._join([joining[r] for r in keep], cache, mask.index_select(0, index), tokens.index_select(0, index),
                    lengths.index_select(0, index))
+
+    def _cache_from(self, cached: list[torch.Tensor | None], width: int):
+        """A cache holding each row's cached prefix, right-aligned in ``width`` columns."""
+        from transformers import DynamicCache
+
+        like = next(kv for kv in cached if kv is not None)
+        rows = torch.stack([_left_pad(kv if kv is not None else like[:, :, :, :0], width, 3) for kv in cached], 2)
+        return DynamicCache([(layer[0], layer[1]) for layer in rows.to(self.device)])
+
+    def _remember_prefixes(self, joining: list[Sequence], done: list[int], cache, mask: torch.Tensor) -> None:
+        """Put the prompts' new whole blocks into the prefix cache."""
+        block = self.prefix_cache.block
+        if self.prefix_cache.max_bytes <= 0:
+            return
+        layers = _cache_tensors(cache)
+        for row, (sequence, skipped) in enumerate(zip(joining, done)):
+            if len(sequence.prompt) // block <= skipped // block:
+                continue  # no whole block beyond what the cache gave
+            columns = mask[row].nonzero().squeeze(1)  # the prompt's tokens, in order
+            kv = torch.stack([torch.stack([k[row].index_select(1, columns), v[row].index_select(1, columns)])
+                              for k, v in layers])
+            self.prefix_cache.store(sequence.model, sequence.prompt, kv)
 
     def _decode(self) -> None:
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], 1)
@@ -514,9 +609,8 @@ class Engine:
         from transformers import DynamicCache
 
         width = max(self._mask.shape[1], mask.shape[1])
-        merged = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]), torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
-                  for (k0, v0), (k1, v1) in zip(_cache_tensors(self._cache), _cache_tensors(cache))]
-        self._cache = DynamicCache(merged)
+        self._cache = DynamicCache([(_stacked_right_aligned(k0, k1, width), _stacked_right_aligned(v0, v1, width))
+                                    for (k0, v0), (k1, v1) in zip(_cache_tensors(self._cache), _cache_tensors(cache))])
         self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
         self._running = self._running + joining
         self._pending = torch.cat([self._pending, pending])
@@ -548,8 +642,42 @@ class Engine:
         self._running, self._cache, self._mask, self._pending, self._lengths = [], None, None, None, None
 
 
+#: what one more prefill forward costs beyond its tokens, in padded prompt tokens: joiners are
+#: split into groups of similar length where padding them to one width would cost more
+PREFILL_FORWARD_TOKENS = 32
+
+
+def length_groups(lengths: list[int], forward_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` in groups, each run as one forward padded to its longest, chosen to
+    minimise the sum over groups of ``forward_tokens`` + rows × longest (runs of the lengths in
+    decreasing order, by dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = [0] + [math.inf] * len(order)  # best[j]: cost of the first j rows of ``order``
+    start = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + forward_tokens + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[start[j]:j])
+        j = start[j]
+    return groups[::-1]
+
+
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _stacked_right_aligned(first: torch.Tensor, second: torch.Tensor, width: int) -> torch.Tensor:
+    """``first``'s rows over ``second``'s, each right-aligned in ``width`` columns (dim -2), zeros
+    before them; written once into one new tensor."""
+    rows = first.shape[0]
+    both = first.new_zeros((rows + second.shape[0], *first.shape[1:-2], width, first.shape[-1]))
+    both[:rows, ..., width - first.shape[-2]:, :] = first
+    both[rows:, ..., width - second.shape[-2]:, :] = second
+    return both
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
