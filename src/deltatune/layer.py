@@ -229,6 +229,21 @@ class Routing:
         self.stacks[id(layer)] = (names, frozenset(names), dtype, stacked)
         return (names, *stacked)
 
+    def layer_plan(self, layer: "DeltaLayer", rows: int, device: torch.device) -> tuple[dict[str, Tensor], dict]:
+        """``layer``'s routed deltas with their rows, and the plain low-rank ones among them with
+        their factors (:meth:`Delta.low_rank_factors`, in attach order, so that a stack of them
+        serves any order of rows); kept for the routing's next forwards without gradients."""
+        key = ("plan", id(layer), layer.training, rows, device)
+        if key in self._cache:
+            return self._cache[key]
+        rows_by_name = {n: r for n, r in self.rows_for(rows, device).items() if n in layer.deltas}
+        factors = {}
+        if layer.backend.takes_activations:
+            factors = {n: f for n, d in layer.deltas.items() if n in rows_by_name and (f := d.low_rank_factors()) is not None}
+        if not torch.is_grad_enabled():
+            self._cache[key] = (rows_by_name, factors)
+        return rows_by_name, factors
+
     def slot_groups(self, names: tuple[str, ...], rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
         """The rows of each of ``names`` side by side for a product batched over the deltas:
         ``gather`` (len(names)·per_slot,) takes delta k's rows into places k·per_slot onwards
@@ -375,10 +390,7 @@ class DeltaLayer(nn.Module):
         # pure low-rank deltas (plain LoRA) all at once, by products batched over the deltas; any other
         # delta by one gather/scatter of its rows; never a loop over samples
         out = self.base(x, *args, **kwargs)
-        rows_by_name = {n: r for n, r in self.routing.rows_for(x.shape[0], x.device).items() if n in self.deltas}
-        factors = {}
-        if self.backend.takes_activations:  # in attach order, so a stack of them serves any order of rows
-            factors = {n: f for n, d in self.deltas.items() if n in rows_by_name and (f := d.low_rank_factors()) is not None}
+        rows_by_name, factors = self.routing.layer_plan(self, x.shape[0], x.device)
         result = out
         wider: list[tuple[Tensor, Tensor]] = []
         if len(factors) > 1:  # a single one is cheaper on its own rows alone

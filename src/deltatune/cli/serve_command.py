@@ -54,6 +54,7 @@ def serve(
     max_delta_mib: float = typer.Option(2048.0, min=0, help="most MiB of delta parameters loaded at once"),
     mixed: bool = typer.Option(True, "--mixed/--one-delta-at-a-time", help="decode requests for different deltas in one batch (default), or one delta's requests at a time"),
     gather_ms: float = typer.Option(0.0, min=0, help="when idle, wait this long after a request for others, to start a burst as one batch"),
+    join_wait_steps: int = typer.Option(2, min=0, help="while the batch is at least half full, requests wait up to this many decode steps to join it together"),
     prefix_cache_mib: float = typer.Option(512.0, min=0, help="MiB of prompt prefixes' keys and values kept per delta for later prompts that start the same (0: off)"),
     chat_max_tokens: int = typer.Option(256, min=1, help="a chat answer's length when the request sets no max_tokens"),
     dtype: Optional[str] = typer.Option(None, help="the base's dtype: float32 (default) | bfloat16 | float16 | auto"),
@@ -73,13 +74,16 @@ def serve(
 
         from ..serving.app import create_app
         from ..serving.engine import Engine, RequestError
+        from ..serving.memory import keep_freed_memory
     except ImportError as exc:
         raise ConfigError(f"deltatune serve needs FastAPI and uvicorn: pip install 'deltatune[serve]' ({exc})") from None
 
+    keep_freed_memory()  # before the model's tensors: every later allocation can reuse freed memory
     base, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
     engine = Engine(base, tokenizer, base_name=model or DEFAULT_MODEL, mixed=mixed, max_batch=max_batch,
                     max_waiting=max_waiting, max_deltas=max_deltas, max_delta_bytes=int(max_delta_mib * 2**20),
-                    gather_ms=gather_ms, prefix_cache_bytes=int(prefix_cache_mib * 2**20))
+                    gather_ms=gather_ms, prefix_cache_bytes=int(prefix_cache_mib * 2**20),
+                    join_wait_steps=join_wait_steps)
     futures = {name: engine.load_delta(name, directory) for name, directory in chosen.items()}
     engine.step()  # nothing runs the engine yet: load them now
     for name, future in futures.items():

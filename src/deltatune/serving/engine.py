@@ -29,6 +29,7 @@ thread (:meth:`Engine.run`); :meth:`Engine.submit` and the admin calls are safe 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 import time
@@ -40,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..api import activate, deactivate, delete, route
 from ..errors import CheckpointError, ConfigError, DeltatuneError
@@ -143,7 +145,9 @@ class Engine:
     ``mixed=False`` serves one delta at a time (a batch holds only sequences of one delta; when
     it empties the delta of the oldest waiting request goes next): what serving without
     mixed batches does, kept for comparison. ``gather_ms``: when a request finds the engine idle,
-    wait up to that long for more to arrive, so a burst starts as one batch. Limits: ``max_batch`` running sequences,
+    wait up to that long for more to arrive, so a burst starts as one batch. ``join_wait_steps``:
+    while the batch is at least half full, requests that could join wait up to that many decode
+    steps for more, unless they fill its free rows. Limits: ``max_batch`` running sequences,
     ``max_waiting`` queued ones (more are refused with 503), ``max_deltas`` deltas holding at
     most ``max_delta_bytes`` of parameters together, ``prefix_cache_bytes`` of cached prompt
     prefixes' keys and values (:mod:`~deltatune.serving.prefix_cache`; 0: none).
@@ -151,7 +155,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, base_name: str, mixed: bool = True,
                  max_batch: int = 32, max_waiting: int = 256, max_deltas: int = 64,
-                 max_delta_bytes: int = 2 * 2**30, gather_ms: float = 0.0, prefix_cache_bytes: int = 512 * 2**20):
+                 max_delta_bytes: int = 2 * 2**30, gather_ms: float = 0.0, prefix_cache_bytes: int = 512 * 2**20,
+                 join_wait_steps: int = 2):
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         self.model = model.eval()
@@ -163,6 +168,8 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_deltas, self.max_delta_bytes = max_deltas, max_delta_bytes
         self.gather_seconds = gather_ms / 1000
+        self.join_wait_steps = join_wait_steps
+        self._held_steps = 0  # decode steps that waiting requests have been held back from joining
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = set(stop_token_ids(model, tokenizer))
@@ -301,11 +308,9 @@ class Engine:
                 raise ConfigError(f"delta {name!r} ({type(self._config_of(name)).__name__}) puts virtual tokens into "
                                   "the KV cache, so its requests cannot join or leave a running batch; serve its merged "
                                   "model or another method")
-            from transformers import DynamicCache
-
             following = {"input_ids": ids[:, :1], "attention_mask": torch.ones_like(ids[:, :1]).repeat(1, 3),
                          "position_ids": torch.tensor([[2]], device=self.device), "use_cache": True}
-            rebuilt = DynamicCache(_cache_tensors(cache))
+            rebuilt = self._cache_holding(_cache_tensors(cache))
             try:
                 continued = self.model(**following, **{self._cache_keyword: rebuilt}).logits
             except DeltatuneError as exc:
@@ -410,12 +415,19 @@ class Engine:
         with self._lock:
             room = self.max_batch - len(self._running)
             if self.mixed:
-                taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                taken = list(itertools.islice(self._waiting, room))
             else:
                 current = self._running[0].model if self._running else (self._waiting[0].model if self._waiting else None)
                 taken = [s for s in self._waiting if s.model == current][:room]
-                for sequence in taken:
-                    self._waiting.remove(sequence)
+            # joining a batch at least half full costs a copy of its cache: a few joiners wait a
+            # few steps for more, so that they join with one prefill and one copy
+            if (taken and len(taken) < room and len(self._running) >= self.max_batch / 2
+                    and self._held_steps < self.join_wait_steps):
+                self._held_steps += 1
+                return []
+            self._held_steps = 0
+            for sequence in taken:
+                self._waiting.remove(sequence)
         taken = [s for s in taken if not self._finish_if_cancelled(s)]
         # a joiner whose prompt's next uncached block another joiner computes now waits one step
         # and then finds it cached (a burst of requests sharing a system prompt computes it once)
@@ -444,9 +456,16 @@ class Engine:
     # --- the model -----------------------------------------------------------------------------
 
     def _new_cache(self):
-        from transformers import DynamicCache
+        return self._cache_holding(None)
 
-        return DynamicCache(config=self.model.config)
+    def _cache_holding(self, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None):
+        """A cache of :class:`GrowingLayer` layers, empty or holding ``pairs`` (keys, values) per layer."""
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+        for layer, (keys, values) in zip(cache.layers, pairs or []):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        return cache
 
     def _check_cache_kind(self) -> None:
         layers = getattr(self._new_cache(), "layers", None)
@@ -518,11 +537,9 @@ class Engine:
 
     def _cache_from(self, cached: list[torch.Tensor | None], width: int):
         """A cache holding each row's cached prefix, right-aligned in ``width`` columns."""
-        from transformers import DynamicCache
-
         like = next(kv for kv in cached if kv is not None)
         rows = torch.stack([_left_pad(kv if kv is not None else like[:, :, :, :0], width, 3) for kv in cached], 2)
-        return DynamicCache([(layer[0], layer[1]) for layer in rows.to(self.device)])
+        return self._cache_holding([(layer[0], layer[1]) for layer in rows.to(self.device)])
 
     def _remember_prefixes(self, joining: list[Sequence], done: list[int], cache, mask: torch.Tensor) -> None:
         """Put the prompts' new whole blocks into the prefix cache."""
@@ -606,11 +623,9 @@ class Engine:
         if not self._running:
             self._running, self._cache, self._mask, self._pending, self._lengths = joining, cache, mask, pending, lengths
             return
-        from transformers import DynamicCache
-
         width = max(self._mask.shape[1], mask.shape[1])
-        self._cache = DynamicCache([(_stacked_right_aligned(k0, k1, width), _stacked_right_aligned(v0, v1, width))
-                                    for (k0, v0), (k1, v1) in zip(_cache_tensors(self._cache), _cache_tensors(cache))])
+        self._cache = self._cache_holding([(_stacked_right_aligned(k0, k1, width), _stacked_right_aligned(v0, v1, width))
+                                           for (k0, v0), (k1, v1) in zip(_cache_tensors(self._cache), _cache_tensors(cache))])
         self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
         self._running = self._running + joining
         self._pending = torch.cat([self._pending, pending])
@@ -633,13 +648,37 @@ class Engine:
         self._mask, self._pending, self._lengths = (t.index_select(0, index) for t in (self._mask, self._pending, self._lengths))
         unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row uses
         if unused:
-            from transformers import DynamicCache
-
-            self._cache = DynamicCache([(k[..., unused:, :], v[..., unused:, :]) for k, v in _cache_tensors(self._cache)])
+            self._cache = self._cache_holding([(k[..., unused:, :], v[..., unused:, :]) for k, v in _cache_tensors(self._cache)])
             self._mask = self._mask[:, unused:]
 
     def _reset_batch(self) -> None:
         self._running, self._cache, self._mask, self._pending, self._lengths = [], None, None, None, None
+
+
+class GrowingLayer(DynamicLayer):
+    """A transformers cache layer whose keys and values are views into buffers with spare
+    columns: a decoding step writes its token's column in place, where ``DynamicLayer`` copies
+    the whole layer into a new tensor one column longer. A layer given other tensors (a batch's
+    rows selected, columns cut) moves them into new buffers at its next update."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used, length = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        buffers = getattr(self, "buffers", None)
+        if not (buffers is not None and buffers[0].shape[-2] >= length and self.keys.shape[:-2] == key_states.shape[:-2]
+                and self.keys.data_ptr() == buffers[0].data_ptr() and self.keys.stride() == buffers[0].stride()
+                and self.values.data_ptr() == buffers[1].data_ptr()):
+            capacity = length + max(16, length // 4)
+            buffers = tuple(new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states))
+            if used:
+                buffers[0][..., :used, :] = self.keys
+                buffers[1][..., :used, :] = self.values
+            self.buffers = buffers
+        buffers[0][..., used:length, :] = key_states
+        buffers[1][..., used:length, :] = value_states
+        self.keys, self.values = buffers[0][..., :length, :], buffers[1][..., :length, :]
+        return self.keys, self.values
 
 
 #: what one more prefill forward costs beyond its tokens, in padded prompt tokens: joiners are
