@@ -89,9 +89,9 @@ async def load(url: str, clients: int, k: int, requests: int, max_tokens: int, a
     result (client, delta, answer or None, completion tokens, latency) per request."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
-
     async def one_client(i: int):
+        # a client of its own per user, as separate users have: one connection each, no shared pool
+        client = openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
         done = []
         for _ in range(requests):
             started = time.perf_counter()

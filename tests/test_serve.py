@@ -383,3 +383,35 @@ def test_prompts_sharing_a_prefix_reuse_its_keys_and_values_per_delta(client, se
     assert cached[3] > 0  # waited one step for lora-b's other request to compute the shared blocks
     stats = openai.OpenAI(base_url=server, api_key=KEY).get("/stats", cast_to=object)
     assert stats["cached_prompt_tokens"] - stats_before["cached_prompt_tokens"] == sum(cached)
+
+
+def test_the_serve_command_answers_and_stops_on_sigterm(tiny_dir, delta_dirs):
+    """``deltatune serve`` itself: the engine on the main thread, HTTP on another; SIGTERM lets the
+    running step finish and the process exit cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--model", str(tiny_dir), "--port", str(port),
+                                "--delta", f"lora-a={delta_dirs['lora-a']}", "--delta", f"lora-b={delta_dirs['lora-b']}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                assert [m.id for m in client.models.list().data][1:] == ["lora-a", "lora-b"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        reply = client.chat.completions.create(model="lora-b", messages=[{"role": "user", "content": "cat"}],
+                                               max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content.strip() == reference(tiny_dir, delta_dirs["lora-b"], "cat", 8)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0 and "lora-a, lora-b on http://127.0.0.1" in " ".join(output.split()), output
+    assert "Traceback" not in output, output

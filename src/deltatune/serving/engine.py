@@ -1,26 +1,33 @@
 """Continuous batching over many deltas on one base: the engine behind ``deltatune serve``.
 
 One loop decodes every running sequence in one batch, whichever delta each one asked for
-(:func:`deltatune.route` picks each row's delta; plain LoRA deltas run as one gathered product
-per layer; a batch whose rows all want one delta runs with it activated instead, its fastest
-path and the one ``deltatune generate`` takes). Between two decode steps finished sequences leave the batch and waiting ones join:
+(:func:`deltatune.route` picks each row's delta; plain LoRA deltas run as two products per
+layer batched over the deltas, their factors stacked once and kept across steps; a batch whose
+rows all want one delta runs with it activated instead, its fastest path and the one
+``deltatune generate`` takes). Between two decode steps finished sequences leave the batch and
+waiting ones join:
 
-* the batch keeps one transformers ``DynamicCache``, **left-padded**: row b's keys and values
+* the batch keeps one transformers ``DynamicCache`` of :class:`GrowingLayer` layers (a step
+  writes its column in place), **left-padded**: row b's keys and values
   sit at the right end of the time axis, ``mask[b]`` marks which columns are real, and each
   row's next position is its count of real tokens (as ``generate`` computes positions from a
   left-padded mask);
-* joining sequences are prefilled together (left-padded among themselves, routed to their
-  deltas), then their cache is padded on the left to the batch's width (or the batch's to
-  theirs) and stacked under it;
+* joining sequences are prefilled in groups of similar prompt length (:func:`length_groups`;
+  left-padded within a group, routed to their deltas), each prompt after its longest prefix
+  that the prefix cache holds for its delta (:mod:`deltatune.serving.prefix_cache`), then
+  their cache is padded on the left to the batch's width (or the batch's to theirs) and
+  stacked under it; while the batch is at least half full a few joiners wait up to
+  ``join_wait_steps`` steps for more, so that they join with one prefill and one copy;
 * leaving rows are dropped with ``batch_select_indices``, and columns no remaining row uses
   are cut from the left.
 
 Masked columns add exact zeros to attention, so a row computes what it computes alone, up to
 the rounding of a longer reduction.
 
-Deltas that change the cache's layout (prompt tuning and P-tuning put virtual tokens into
-every routed row's cache) cannot join or leave a running batch; :meth:`Engine.load_delta`
-finds them by a two-token probe and refuses them.
+Deltas whose state is not their KV cache (prompt tuning and P-tuning put virtual tokens into
+every routed row's cache; a side network keeps a cache of its own) cannot join or leave a
+running batch nor start from cached prefixes; :meth:`Engine.load_delta` finds them by a
+two-token probe and one more token from a copy of its cache, and refuses them.
 
 The engine holds no HTTP: :mod:`deltatune.serving.app` puts one around it. It runs on one
 thread (:meth:`Engine.run`); :meth:`Engine.submit` and the admin calls are safe from any other.
@@ -478,8 +485,9 @@ class Engine:
             self._end_routing()
             self._use(names[0])
         elif names != self._routed_names:
-            # the routing stays on while the batch's rows stay the same, so its gathered
-            # low-rank factors serve every step until a sequence joins or leaves
+            # the routing stays on while the batch's rows stay the same, so its per-layer plans
+            # and row groups serve every step until a sequence joins or leaves; the stacked
+            # factors (self._stacks) outlive it
             self._end_routing()
             self._routing.enter_context(route(self.model, names, stacks=self._stacks))
             self._routed_names = list(names)
