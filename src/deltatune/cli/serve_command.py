@@ -93,8 +93,8 @@ def serve(
             raise ConfigError(f"--delta {name}={chosen[name]}: {exc}") from None
     # HTTP on a thread, the engine on this, the main thread: torch runs its products from the main
     # thread about a third faster on CPU (its OpenMP workers belong to the first thread that used them)
-    app_ = create_app(engine, api_key=api_key, allow_admin=allow_admin, chat_max_tokens=chat_max_tokens, run_engine=False)
-    server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="warning"))
+    http_app = create_app(engine, api_key=api_key, allow_admin=allow_admin, chat_max_tokens=chat_max_tokens, run_engine=False)
+    server = uvicorn.Server(uvicorn.Config(http_app, host=host, port=port, log_level="warning"))
     http = threading.Thread(target=server.run, name="deltatune-http", daemon=True)
     http.start()
     while not server.started:

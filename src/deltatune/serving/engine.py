@@ -95,7 +95,7 @@ class Sampling:
             raise RequestError(400, "stop takes at most 4 non-empty strings", "stop")
 
 
-@dataclass
+@dataclass(eq=False)  # one request is equal only to itself: the queue removes it by identity
 class Sequence:
     """One request in the engine. ``emit`` receives ``("text", str)`` pieces as they become final,
     then one ``("done", finish_reason)`` or ``("error", message)``; it is called on the engine's thread."""
@@ -433,8 +433,12 @@ class Engine:
                 self._held_steps += 1
                 return []
             self._held_steps = 0
-            for sequence in taken:
-                self._waiting.remove(sequence)
+            if self.mixed:  # the first ones
+                for _ in taken:
+                    self._waiting.popleft()
+            else:
+                for sequence in taken:
+                    self._waiting.remove(sequence)
         taken = [s for s in taken if not self._finish_if_cancelled(s)]
         # a joiner whose prompt's next uncached block another joiner computes now waits one step
         # and then finds it cached (a burst of requests sharing a system prompt computes it once)
@@ -551,10 +555,9 @@ class Engine:
 
     def _remember_prefixes(self, joining: list[Sequence], done: list[int], cache, mask: torch.Tensor) -> None:
         """Put the prompts' new whole blocks into the prefix cache."""
-        block = self.prefix_cache.block
         if self.prefix_cache.max_bytes <= 0:
             return
-        layers = _cache_tensors(cache)
+        block, layers = self.prefix_cache.block, _cache_tensors(cache)
         for row, (sequence, skipped) in enumerate(zip(joining, done)):
             if len(sequence.prompt) // block <= skipped // block:
                 continue  # no whole block beyond what the cache gave
@@ -672,11 +675,12 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        used, length = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
-        buffers = getattr(self, "buffers", None)
-        if not (buffers is not None and buffers[0].shape[-2] >= length and self.keys.shape[:-2] == key_states.shape[:-2]
-                and self.keys.data_ptr() == buffers[0].data_ptr() and self.keys.stride() == buffers[0].stride()
-                and self.values.data_ptr() == buffers[1].data_ptr()):
+        used = self.get_seq_length()
+        length = used + key_states.shape[-2]
+        buffers, views = getattr(self, "buffers", None), getattr(self, "views", None)
+        # the buffers serve while keys and values are still the views this layer made of them
+        if buffers is None or views is None or views[0] is not self.keys or views[1] is not self.values \
+                or buffers[0].shape[-2] < length:
             capacity = length + max(16, length // 4)
             buffers = tuple(new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states))
             if used:
@@ -686,6 +690,7 @@ class GrowingLayer(DynamicLayer):
         buffers[0][..., used:length, :] = key_states
         buffers[1][..., used:length, :] = value_states
         self.keys, self.values = buffers[0][..., :length, :], buffers[1][..., :length, :]
+        self.views = (self.keys, self.values)
         return self.keys, self.values
 
 
