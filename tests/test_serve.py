@@ -345,6 +345,41 @@ def test_stacks_kept_across_routes_serve_any_row_order_and_subset_exactly(tiny_d
             assert stacked == []
 
 
+def test_a_batch_of_few_stacked_deltas_takes_their_slots_without_restacking(tiny_dir, monkeypatch):
+    """A server stacks all its deltas once; a later batch holding a few of many takes just their
+    slots out of the stack (the products then run over those deltas only, not over every slot)
+    and a batch holding them all again reuses the whole stack: nothing is stacked twice, and
+    every row computes what its delta computes alone."""
+    import deltatune.layer as layer_module
+
+    model, _ = load_model_and_tokenizer(str(tiny_dir))
+    names = [f"d{i}" for i in range(14)]
+    torch.manual_seed(3)
+    for name in names:
+        dt.attach(model, dt.LoRAConfig(r=2, targets=["attn.q", "ffn.down"]), name, activate=False)
+        with torch.no_grad():
+            for p in dt.trainable_parameters(model, name):
+                p.normal_(std=0.5)
+    stacked, slot_counts = [], []
+    original_stack, original_bmm = layer_module._stack_factors, torch.bmm
+    monkeypatch.setattr(layer_module, "_stack_factors", lambda factors, *rest: stacked.append(tuple(factors)) or original_stack(factors, *rest))
+    monkeypatch.setattr(torch, "bmm", lambda a, b: slot_counts.append(a.shape[0]) or original_bmm(a, b))
+    stacks: dict = {}
+    for batch in (names, ["d9", None, "d2", "d9"], names[::-1]):
+        slot_counts.clear()
+        ids = torch.randint(4, 90, (len(batch), 3))
+        with torch.no_grad(), dt.route(model, batch, stacks=stacks):
+            got = model(ids).logits
+        # 14 stacked, 2 wanted: 14 > 2·2 + 8, so the products run over the two deltas' slots
+        assert set(slot_counts) == ({2} if len(set(batch) - {None}) == 2 else {len(names)})
+        for row, name in enumerate(batch):
+            dt.activate(model, name) if name else dt.deactivate(model)
+            with torch.no_grad():
+                torch.testing.assert_close(got[row], model(ids[row:row + 1]).logits[0], atol=1e-5, rtol=1e-5)
+        dt.deactivate(model)
+    assert len(stacked) == len(stacks) > 0 and set(stacked) == {tuple(names)}
+
+
 def test_prompts_sharing_a_prefix_reuse_its_keys_and_values_per_delta(client, server, tiny_dir, delta_dirs):
     """A prompt that starts like an earlier prompt of the same delta takes the shared whole blocks
     of keys and values from the prefix cache (usage.prompt_tokens_details says how many tokens) and

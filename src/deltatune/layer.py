@@ -8,7 +8,7 @@ layers, and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -208,41 +208,55 @@ class Routing:
             self._cache[key] = {n: torch.tensor(r, device=device) for n, r in groups.items()}
         return self._cache[key]
 
-    def stacked_factors(self, layer: "DeltaLayer", factors: dict[str, tuple[Tensor, Tensor, float]],
-                        dtype: torch.dtype) -> tuple[tuple[str, ...], Tensor, Tensor]:
-        """``layer``'s deltas' factors stacked (:func:`_stack_factors`) and the names of their
-        slots, in attach order. A stack serves any batch whose deltas it holds, while it holds
-        at most twice as many plus eight (a delta without rows in the batch costs a slot of
-        discarded products); a new stack takes all the layer's low-rank deltas within that
-        bound, so that a server's changing batches over a few dozen deltas stack them once."""
-        held = self.stacks.get(id(layer))
-        bound = 2 * len(factors) + 8
-        if held is not None:
-            names, members, held_dtype, stacked = held
-            if held_dtype == dtype and members.issuperset(factors) and len(names) <= bound:
-                return (names, *stacked)
-        every = {n: f for n, d in layer.deltas.items() if (f := factors.get(n) or d.low_rank_factors()) is not None}
-        if len(every) <= bound:
-            factors = every
-        names = tuple(factors)
-        stacked = _stack_factors(factors, dtype)
-        self.stacks[id(layer)] = (names, frozenset(names), dtype, stacked)
-        return (names, *stacked)
-
-    def layer_plan(self, layer: "DeltaLayer", rows: int, device: torch.device) -> tuple[dict[str, Tensor], dict]:
-        """``layer``'s routed deltas with their rows, and the plain low-rank ones among them with
-        their factors (:meth:`Delta.low_rank_factors`, in attach order, so that a stack of them
-        serves any order of rows); kept for the routing's next forwards without gradients."""
+    def layer_plan(self, layer: "DeltaLayer", rows: int, device: torch.device) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """``layer``'s routed deltas with their rows, and the names of the plain low-rank ones
+        among them (:meth:`Delta.low_rank_factors`) when two or more are: those run as one
+        product batched over the deltas. Kept for the routing's next forwards without gradients.
+        A delta the layer's kept stack holds (:meth:`stacked_factors`) is low-rank without asking
+        it again, so that a new routing over stacked deltas plans each layer by set operations."""
         key = ("plan", id(layer), layer.training, rows, device)
         if key in self._cache:
             return self._cache[key]
-        rows_by_name = {n: r for n, r in self.rows_for(rows, device).items() if n in layer.deltas}
-        factors = {}
+        deltas = layer.deltas
+        rows_by_name = {n: r for n, r in self.rows_for(rows, device).items() if n in deltas}
+        low_rank: tuple[str, ...] = ()
         if layer.backend.takes_activations:
-            factors = {n: f for n, d in layer.deltas.items() if n in rows_by_name and (f := d.low_rank_factors()) is not None}
+            held = self.stacks.get(id(layer))
+            stacked = held.members if held is not None and held.training == layer.training else frozenset()
+            low_rank = tuple(n for n in deltas if n in rows_by_name
+                             and (n in stacked or deltas[n].low_rank_factors() is not None))
+            if len(low_rank) < 2:  # a single one is cheaper on its own rows alone
+                low_rank = ()
         if not torch.is_grad_enabled():
-            self._cache[key] = (rows_by_name, factors)
-        return rows_by_name, factors
+            self._cache[key] = (rows_by_name, low_rank)
+        return rows_by_name, low_rank
+
+    def stacked_factors(self, layer: "DeltaLayer", names: tuple[str, ...],
+                        dtype: torch.dtype) -> tuple[tuple[str, ...], Tensor, Tensor]:
+        """The low-rank factors of ``layer``'s deltas ``names`` stacked (:func:`_stack_factors`)
+        and the names of their slots. When nothing needs their gradients the layer's stack is
+        kept (in :attr:`stacks`) and serves every later batch whose deltas it holds: it takes
+        all the layer's low-rank deltas, and a batch with few of them takes their slots out of
+        it (once per routing) where the whole stack would hold more than twice as many plus
+        eight (a delta without rows in the batch costs a slot of discarded products)."""
+        factors = {n: layer.deltas[n].low_rank_factors() for n in names} if torch.is_grad_enabled() else None
+        if factors is not None and any(t.requires_grad for a, b, _ in factors.values() for t in (a, b)):
+            return (names, *_stack_factors(factors, dtype))  # fresh: the products carry their gradients
+        key = ("stack", id(layer), names, dtype)
+        if key in self._cache:
+            return self._cache[key]
+        held = self.stacks.get(id(layer))
+        if held is None or held.dtype != dtype or held.training != layer.training or not held.members.issuperset(names):
+            every = {n: f for n, d in layer.deltas.items() if (f := d.low_rank_factors()) is not None}
+            held = _Stack(tuple(every), frozenset(every), dtype, layer.training, *_stack_factors(every, dtype))
+            self.stacks[id(layer)] = held
+        if len(held.names) <= 2 * len(names) + 8:
+            chosen = (held.names, held.a_slots, held.b_slots)
+        else:
+            slots = torch.tensor([held.names.index(n) for n in names], device=held.a_slots.device)
+            chosen = (names, held.a_slots.index_select(0, slots), held.b_slots.index_select(0, slots))
+        self._cache[key] = chosen
+        return chosen
 
     def slot_groups(self, names: tuple[str, ...], rows: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
         """The rows of each of ``names`` side by side for a product batched over the deltas:
@@ -259,6 +273,17 @@ class Routing:
             rows_kept = [row for m in members for row in m]
             self._cache[key] = (*(torch.tensor(t, dtype=torch.long, device=device) for t in (gather, kept, rows_kept)), per_slot)
         return self._cache[key]
+
+
+class _Stack(NamedTuple):
+    """A layer's low-rank deltas' factors stacked (:func:`_stack_factors`), as a routing keeps them."""
+
+    names: tuple[str, ...]     # the deltas in slot order
+    members: frozenset[str]
+    dtype: torch.dtype
+    training: bool             # the layer's mode when stacked: which deltas were low-rank depends on it
+    a_slots: Tensor
+    b_slots: Tensor
 
 
 class RowSelector:
@@ -390,15 +415,11 @@ class DeltaLayer(nn.Module):
         # pure low-rank deltas (plain LoRA) all at once, by products batched over the deltas; any other
         # delta by one gather/scatter of its rows; never a loop over samples
         out = self.base(x, *args, **kwargs)
-        rows_by_name, factors = self.routing.layer_plan(self, x.shape[0], x.device)
-        result = out
+        rows_by_name, low_rank = self.routing.layer_plan(self, x.shape[0], x.device)
+        result = self._low_rank_rows(x, out, low_rank) if low_rank else out
         wider: list[tuple[Tensor, Tensor]] = []
-        if len(factors) > 1:  # a single one is cheaper on its own rows alone
-            result = self._low_rank_rows(x, out, factors)
-        else:
-            factors = {}
         for name, rows in rows_by_name.items():
-            if name in factors:
+            if name in low_rank:
                 continue
             delta = self.deltas[name]
             x_rows = x.index_select(0, rows)
@@ -414,21 +435,16 @@ class DeltaLayer(nn.Module):
             result = padded_rows([(torch.arange(x.shape[0], device=x.device), result), *wider], result)
         return result
 
-    def _low_rank_rows(self, x: Tensor, out: Tensor, factors: dict[str, tuple[Tensor, Tensor, float]]) -> Tensor:
-        """``out`` plus s·B A x on each delta's rows, for two or more plain low-rank deltas.
+    def _low_rank_rows(self, x: Tensor, out: Tensor, names: tuple[str, ...]) -> Tensor:
+        """``out`` plus s·B A x on each delta's rows, for two or more plain low-rank deltas ``names``.
 
-        Their factors are stacked (:func:`_stack_factors`; kept by the routing while these deltas
-        are routed and nothing needs their gradients) and each delta's rows taken side by side
-        (:meth:`Routing.slot_groups`), so the update is two matrix products batched over the
-        deltas, each reading its delta's factors once, whether a row holds one token (a decoding
-        step) or many. Without gradients the update is added into ``out`` in place: rows of no
-        low-rank delta are not touched."""
+        Their factors are stacked (:meth:`Routing.stacked_factors`; kept while nothing needs their
+        gradients) and each delta's rows taken side by side (:meth:`Routing.slot_groups`), so the
+        update is two matrix products batched over the deltas, each reading its delta's factors
+        once, whether a row holds one token (a decoding step) or many. Without gradients the
+        update is added into ``out`` in place: rows of no low-rank delta are not touched."""
         routing, rows, dtype = self.routing, x.shape[0], out.dtype
-        reusable = not (torch.is_grad_enabled() and any(t.requires_grad for a, b, _ in factors.values() for t in (a, b)))
-        if reusable:
-            names, a_slots, b_slots = routing.stacked_factors(self, factors, dtype)
-        else:
-            names, (a_slots, b_slots) = tuple(factors), _stack_factors(factors, dtype)
+        names, a_slots, b_slots = routing.stacked_factors(self, names, dtype)
         gather, kept, rows_kept, per_slot = routing.slot_groups(names, rows, x.device)
         side_by_side = x.to(dtype).index_select(0, gather).reshape(len(names), -1, x.shape[-1])
         update = torch.bmm(torch.bmm(side_by_side, a_slots), b_slots)  # (deltas, per_slot·tokens, out)
