@@ -24,7 +24,7 @@ from deltatune.train.evaluate import generate_completions
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from deltatune.serving.app import create_app  # noqa: E402  (needs fastapi, as the two above)
-from deltatune.serving.engine import PREFILL_FORWARD_TOKENS, length_groups, Engine, RequestError, Sampling, Sequence  # noqa: E402
+from deltatune.serving.engine import PREFILL_FORWARD_TOKENS, BatchLayer, length_groups, Engine, RequestError, Sampling, Sequence  # noqa: E402
 
 DELTAS = {
     "lora-a": dt.LoRAConfig(r=4, targets=["all-linear"]),
@@ -234,6 +234,84 @@ def test_sequences_join_and_leave_a_running_batch_between_steps(tiny_dir, delta_
     joined = [len(encode_prompt(tokenizer, _user_prompt(tokenizer, prompt))) for _, prompt, _ in asked[1:]]
     assert engine.stats.max_models_in_a_step == 3
     assert engine.stats.prefills == 1 + len(length_groups(joined, PREFILL_FORWARD_TOKENS))
+
+
+def test_rows_joining_and_leaving_in_any_order_keep_every_answer_exact(tiny_dir, delta_dirs, monkeypatch):
+    """Requests of different lengths and answer lengths join at different steps and leave in
+    another order than they came (a leaving row's place taken by one of the last rows, joiners
+    longer than the batch widening it on the left, the cache's buffers growing on both axes):
+    every answer is still generate's."""
+    engine = engine_with(tiny_dir, {n: d for n, d in delta_dirs.items() if n != "prefix"}, max_batch=5, join_wait_steps=0)
+    tokenizer = engine.tokenizer
+    asked = [("lora-a", "cat", 14), ("lora-b", "the quick brown fox jumps", 3), (None, "sun", 9),
+             ("lora-b", "dog", 1), ("lora-a", "a much longer prompt than any other here, by far", 6),
+             (None, "moon and stars over the sea", 12), ("lora-a", "tree", 4), ("lora-b", "river", 8)]
+    arrivals = {0: asked[:3], 2: asked[3:5], 3: asked[5:6], 5: asked[6:]}
+    events = [[] for _ in asked]
+    moved, widened = [], []
+    move_rows, add_rows = BatchLayer.move_rows, BatchLayer.add_rows
+    monkeypatch.setattr(BatchLayer, "move_rows", lambda self, targets, *rest: moved.append(len(targets)) or move_rows(self, targets, *rest))
+    monkeypatch.setattr(BatchLayer, "add_rows", lambda self, keys, *rest: widened.append(keys.shape[2] > self.keys.shape[2]) or add_rows(self, keys, *rest))
+    for step in range(200):
+        for name, prompt, max_tokens in arrivals.get(step, []):
+            engine.submit(Sequence(model=name, prompt=encode_prompt(tokenizer, _user_prompt(tokenizer, prompt)),
+                                   sampling=Sampling(max_tokens=max_tokens, temperature=0),
+                                   emit=events[asked.index((name, prompt, max_tokens))].append))
+        if step > max(arrivals) and not (engine._running or engine._waiting):
+            break
+        engine.step()
+    for (name, prompt, max_tokens), got in zip(asked, events):
+        assert got[-1][0] == "done"
+        text = "".join(value for kind, value in got if kind == "text")
+        assert text.strip() == reference(tiny_dir, delta_dirs.get(name), prompt, max_tokens), (name, prompt)
+    assert engine.stats.max_batch == 5 and engine.stats.max_models_in_a_step == 3
+    assert any(moved) and any(widened)  # the paths this test is about were taken
+
+
+def test_batch_layer_keeps_rows_and_columns_as_concatenated_tensors_would():
+    """BatchLayer against plain tensors: appending columns, rows joining (shorter and longer than
+    the batch), a leaving row's place taken by the last row, leading columns cut, and a layer
+    whose tensors transformers replaced."""
+    def kv(rows, columns):
+        return torch.randn(rows, 2, columns, 3), torch.randn(rows, 2, columns, 3)
+
+    def right_aligned(tensor, width):
+        return torch.cat([torch.zeros(*tensor.shape[:2], width - tensor.shape[2], tensor.shape[3]), tensor], 2)
+
+    layer, (keys, values) = BatchLayer(), kv(2, 5)
+    layer.update(keys, values)
+    for _ in range(20):  # past the first buffers' spare columns
+        step = kv(2, 1)
+        layer.update(*step)
+        keys, values = torch.cat([keys, step[0]], 2), torch.cat([values, step[1]], 2)
+    torch.testing.assert_close((layer.keys, layer.values), (keys, values))
+    for rows, columns in ((1, 4), (2, 40)):  # shorter than the batch, then longer: it widens on the left
+        joining = kv(rows, columns)
+        layer.add_rows(*joining, max_rows=8)
+        width = max(keys.shape[2], columns)
+        keys = torch.cat([right_aligned(keys, width), right_aligned(joining[0], width)])
+        values = torch.cat([right_aligned(values, width), right_aligned(joining[1], width)])
+    assert layer.keys.shape == keys.shape and layer.buffers[0].shape[0] == 8
+    # right-aligned parts equal; the columns left of a row's own are masked, only finite values
+    for row, columns in enumerate([25, 25, 4, 40, 40]):
+        torch.testing.assert_close(layer.keys[row, :, -columns:], keys[row, :, -columns:])
+        torch.testing.assert_close(layer.values[row, :, -columns:], values[row, :, -columns:])
+    assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+    layer.move_rows(torch.tensor([1]), torch.tensor([4]), rows=4)  # row 1 leaves, row 4 takes its place
+    order = [0, 4, 2, 3]
+    torch.testing.assert_close(layer.keys[:, :, -4:], keys[order][:, :, -4:])
+    layer.drop_columns(15)
+    assert layer.keys.shape[2] == 25
+    torch.testing.assert_close(layer.values[:, :, -4:], values[order][:, :, -4:])
+    step = kv(4, 1)
+    kept = layer.keys.clone()
+    layer.update(*step)
+    torch.testing.assert_close(layer.keys, torch.cat([kept, step[0]], 2))
+    layer.keys = layer.keys[:2].clone()  # as transformers' batch_select_indices leaves it
+    layer.values = layer.values[:2].clone()
+    before = layer.keys.clone()
+    step = kv(2, 1)
+    torch.testing.assert_close(layer.update(*step)[0], torch.cat([before, step[0]], 2))
 
 
 def test_length_groups_split_joiners_where_padding_costs_more_than_a_forward():

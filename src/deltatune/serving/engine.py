@@ -7,19 +7,20 @@ rows all want one delta runs with it activated instead, its fastest path and the
 ``deltatune generate`` takes). Between two decode steps finished sequences leave the batch and
 waiting ones join:
 
-* the batch keeps one transformers ``DynamicCache`` of :class:`GrowingLayer` layers (a step
-  writes its column in place), **left-padded**: row b's keys and values
+* the batch keeps one transformers ``DynamicCache`` of :class:`BatchLayer` layers (buffers with
+  spare rows and columns: a step writes its column in place, joining rows go into spare rows,
+  a leaving row's place takes one of the last rows), **left-padded**: row b's keys and values
   sit at the right end of the time axis, ``mask[b]`` marks which columns are real, and each
   row's next position is its count of real tokens (as ``generate`` computes positions from a
   left-padded mask);
 * joining sequences are prefilled in groups of similar prompt length (:func:`length_groups`;
   left-padded within a group, routed to their deltas), each prompt after its longest prefix
   that the prefix cache holds for its delta (:mod:`deltatune.serving.prefix_cache`), then
-  their cache is padded on the left to the batch's width (or the batch's to theirs) and
-  stacked under it; while the batch is at least half full a few joiners wait up to
-  ``join_wait_steps`` steps for more, so that they join with one prefill and one copy;
-* leaving rows are dropped with ``batch_select_indices``, and columns no remaining row uses
-  are cut from the left.
+  their keys and values are written into the batch's spare rows, right-aligned (the batch
+  widens on the left when they are longer); while the batch is at least half full a few
+  joiners wait up to ``join_wait_steps`` steps for more, so that they join with one prefill;
+* leaving rows' places take the last rows, and columns no remaining row uses are cut from the
+  left.
 
 Masked columns add exact zeros to attention, so a row computes what it computes alone, up to
 the rounding of a longer reduction.
@@ -470,12 +471,11 @@ class Engine:
         return self._cache_holding(None)
 
     def _cache_holding(self, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None):
-        """A cache of :class:`GrowingLayer` layers, empty or holding ``pairs`` (keys, values) per layer."""
+        """A cache of :class:`BatchLayer` layers, empty or holding ``pairs`` (keys, values) per layer."""
         cache = DynamicCache(config=self.model.config)
-        cache.layers = [GrowingLayer() for _ in cache.layers]
+        cache.layers = [BatchLayer() for _ in cache.layers]
         for layer, (keys, values) in zip(cache.layers, pairs or []):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+            layer.hold(keys, values)
         return cache
 
     def _check_cache_kind(self) -> None:
@@ -543,7 +543,7 @@ class Engine:
             return
         index = torch.tensor(keep, device=self.device)
         if len(keep) < len(joining):
-            cache.batch_select_indices(index)
+            cache = self._cache_holding([(k.index_select(0, index), v.index_select(0, index)) for k, v in _cache_tensors(cache)])
         self._join([joining[r] for r in keep], cache, mask.index_select(0, index), tokens.index_select(0, index),
                    lengths.index_select(0, index))
 
@@ -635,63 +635,133 @@ class Engine:
             self._running, self._cache, self._mask, self._pending, self._lengths = joining, cache, mask, pending, lengths
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        self._cache = self._cache_holding([(_stacked_right_aligned(k0, k1, width), _stacked_right_aligned(v0, v1, width))
-                                           for (k0, v0), (k1, v1) in zip(_cache_tensors(self._cache), _cache_tensors(cache))])
+        for layer, (keys, values) in zip(self._cache.layers, _cache_tensors(cache)):
+            layer.add_rows(keys, values, self.max_batch)
         self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
         self._running = self._running + joining
         self._pending = torch.cat([self._pending, pending])
         self._lengths = torch.cat([self._lengths, lengths])
 
     def _drop(self, finished: list[bool]) -> None:
-        """Remove the rows that ``finished`` marks from the running batch."""
-        keep = [row for row, done in enumerate(finished) if not done]
-        if len(keep) == len(self._running):
+        """Remove the rows that ``finished`` marks from the running batch: each leaving row's place
+        among the rows that stay takes one of the last rows, so only those move."""
+        rows = len(finished) - sum(finished)
+        if rows == len(self._running):
             return
         for row, sequence in enumerate(self._running):
             if finished[row] and sequence.finish_reason is None:  # cancelled between two steps
                 self._finish(sequence, "cancelled")
-        if not keep:
+        if not rows:
             self._reset_batch()
             return
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._running = [self._running[r] for r in keep]
+        targets = [row for row in range(rows) if finished[row]]
+        sources = [row for row in range(rows, len(finished)) if not finished[row]]
+        order = list(range(rows))
+        for target, source in zip(targets, sources):
+            order[target] = source
+        targets_index, sources_index = (torch.tensor(t, dtype=torch.long, device=self.device) for t in (targets, sources))
+        for layer in self._cache.layers:
+            layer.move_rows(targets_index, sources_index, rows)
+        index = torch.tensor(order, device=self.device)
+        self._running = [self._running[r] for r in order]
         self._mask, self._pending, self._lengths = (t.index_select(0, index) for t in (self._mask, self._pending, self._lengths))
         unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row uses
         if unused:
-            self._cache = self._cache_holding([(k[..., unused:, :], v[..., unused:, :]) for k, v in _cache_tensors(self._cache)])
+            for layer in self._cache.layers:
+                layer.drop_columns(unused)
             self._mask = self._mask[:, unused:]
 
     def _reset_batch(self) -> None:
         self._running, self._cache, self._mask, self._pending, self._lengths = [], None, None, None, None
 
 
-class GrowingLayer(DynamicLayer):
-    """A transformers cache layer whose keys and values are views into buffers with spare
-    columns: a decoding step writes its token's column in place, where ``DynamicLayer`` copies
-    the whole layer into a new tensor one column longer. A layer given other tensors (a batch's
-    rows selected, columns cut) moves them into new buffers at its next update."""
+class BatchLayer(DynamicLayer):
+    """A transformers cache layer whose keys and values are the views ``buffers[:rows, :, start:end]``
+    into zero-filled buffers with spare rows and columns, so that the running batch is never
+    copied whole: a forward's new columns are written in place after ``end`` (:meth:`update`,
+    where ``DynamicLayer`` copies the whole layer into a new tensor), joining rows go into spare
+    rows (:meth:`add_rows`), a leaving row's place takes one of the last rows (:meth:`move_rows`;
+    the engine reorders its own per-row state alike) and columns no row uses any more are cut
+    from the left by moving ``start`` (:meth:`drop_columns`). Columns a row does not use hold
+    zeros or an earlier row's finite values; the mask hides them (a NaN there would not be
+    hidden: a zero attention weight times NaN is NaN). A layer given other tensors (by
+    transformers' own cache methods) moves them into new buffers at its next update."""
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start over from ``keys`` and ``values`` (copied into new buffers)."""
+        self.lazy_initialization(keys, values)
+        self.buffers = (keys.new_zeros(0), values.new_zeros(0))
+        self.rows, self.start, self.end = keys.shape[0], 0, 0
+        self._make_room(rows=keys.shape[0], before=0, after=keys.shape[-2], like=(keys, values))
+        self._write(keys, values, 0)
+        self.end = keys.shape[-2]
+        self._refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        used = self.get_seq_length()
-        length = used + key_states.shape[-2]
-        buffers, views = getattr(self, "buffers", None), getattr(self, "views", None)
-        # the buffers serve while keys and values are still the views this layer made of them
-        if buffers is None or views is None or views[0] is not self.keys or views[1] is not self.values \
-                or buffers[0].shape[-2] < length:
-            capacity = length + max(16, length // 4)
-            buffers = tuple(new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states))
-            if used:
-                buffers[0][..., :used, :] = self.keys
-                buffers[1][..., :used, :] = self.values
-            self.buffers = buffers
-        buffers[0][..., used:length, :] = key_states
-        buffers[1][..., used:length, :] = value_states
-        self.keys, self.values = buffers[0][..., :length, :], buffers[1][..., :length, :]
-        self.views = (self.keys, self.values)
+        if not self.is_initialized or getattr(self, "views", None) is None \
+                or self.views[0] is not self.keys or self.views[1] is not self.values:
+            held = self.is_initialized and self.keys is not None and self.keys.numel() > 0
+            self.hold(*((self.keys, self.values) if held else (key_states[..., :0, :], value_states[..., :0, :])))
+        new = key_states.shape[-2]
+        self._make_room(rows=self.rows, before=0, after=new)
+        self._write(key_states, value_states, self.end)
+        self.end += new
+        self._refresh()
         return self.keys, self.values
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor, max_rows: int) -> None:
+        """Put ``keys`` and ``values`` (new rows, right-aligned like the batch's) under the batch's
+        rows, widening the batch on the left when they are longer; buffers that must grow get
+        room for ``max_rows`` rows."""
+        width = keys.shape[-2]
+        before = max(0, width - (self.end - self.start))
+        self._make_room(rows=max(self.rows + keys.shape[0], max_rows), before=before, after=0)
+        self.start -= before
+        for buffer, new in zip(self.buffers, (keys, values)):
+            buffer[self.rows:self.rows + new.shape[0], :, self.end - width:self.end] = new
+        self.rows += keys.shape[0]
+        self._refresh()
+
+    def move_rows(self, targets: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
+        """Copy rows ``sources`` into rows ``targets``, then keep the first ``rows``."""
+        if len(targets):
+            for buffer in self.buffers:
+                live = buffer[:, :, self.start:self.end]
+                live.index_copy_(0, targets, live.index_select(0, sources))
+        self.rows = rows
+        self._refresh()
+
+    def drop_columns(self, count: int) -> None:
+        """Forget the first ``count`` columns."""
+        self.start += count
+        self._refresh()
+
+    def _make_room(self, rows: int, before: int, after: int, like: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Buffers with ``rows`` rows, ``before`` free columns before ``start`` and ``after`` after
+        ``end``: the current ones if they have them, else new ones (with a quarter more columns
+        than needed, at least 16) that the live part moves into."""
+        keys, _ = self.buffers
+        if like is None and rows <= keys.shape[0] and before <= self.start and self.end + after <= keys.shape[2]:
+            return
+        width = self.end - self.start
+        columns = before + width + after
+        capacity = columns + max(16, columns // 4)
+        fresh = tuple(t.new_zeros((max(rows, t.shape[0] if like is None else 0), *t.shape[1:-2], capacity, t.shape[-1]))
+                      for t in (like or self.buffers))
+        if like is None:
+            for old, new in zip(self.buffers, fresh):
+                new[:self.rows, :, before:before + width] = old[:self.rows, :, self.start:self.end]
+        self.buffers, self.start, self.end = fresh, before, before + width
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor, column: int) -> None:
+        for buffer, new in zip(self.buffers, (keys, values)):
+            buffer[:self.rows, :, column:column + new.shape[-2]] = new
+
+    def _refresh(self) -> None:
+        keys, values = self.buffers
+        self.keys = keys[:self.rows, :, self.start:self.end]
+        self.values = values[:self.rows, :, self.start:self.end]
+        self.views = (self.keys, self.values)
 
 
 #: what one more prefill forward costs beyond its tokens, in padded prompt tokens: joiners are
@@ -720,16 +790,6 @@ def length_groups(lengths: list[int], forward_tokens: int) -> list[list[int]]:
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _stacked_right_aligned(first: torch.Tensor, second: torch.Tensor, width: int) -> torch.Tensor:
-    """``first``'s rows over ``second``'s, each right-aligned in ``width`` columns (dim -2), zeros
-    before them; written once into one new tensor."""
-    rows = first.shape[0]
-    both = first.new_zeros((rows + second.shape[0], *first.shape[1:-2], width, first.shape[-1]))
-    both[:rows, ..., width - first.shape[-2]:, :] = first
-    both[rows:, ..., width - second.shape[-2]:, :] = second
-    return both
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
