@@ -535,7 +535,7 @@ class Engine:
         self.stats.prefills += 1
         self.stats.prompt_tokens += sum(len(s.prompt) for s in joining)
         self.stats.cached_prompt_tokens += sum(done)
-        self._remember_prefixes(joining, done, cache, mask)
+        self._remember_prefixes(joining, cache, mask)
         tokens = self._sample(joining, logits)
         lengths = mask.sum(-1)
         keep = [row for row, s in enumerate(joining) if not self._advance(s, int(tokens[row]))]
@@ -553,14 +553,14 @@ class Engine:
         rows = torch.stack([_left_pad(kv if kv is not None else like[:, :, :, :0], width, 3) for kv in cached], 2)
         return self._cache_holding([(layer[0], layer[1]) for layer in rows.to(self.device)])
 
-    def _remember_prefixes(self, joining: list[Sequence], done: list[int], cache, mask: torch.Tensor) -> None:
-        """Put the prompts' new whole blocks into the prefix cache."""
+    def _remember_prefixes(self, joining: list[Sequence], cache, mask: torch.Tensor) -> None:
+        """Put the prompts' keys and values into the prefix cache, where it does not hold them yet."""
         if self.prefix_cache.max_bytes <= 0:
             return
-        block, layers = self.prefix_cache.block, _cache_tensors(cache)
-        for row, (sequence, skipped) in enumerate(zip(joining, done)):
-            if len(sequence.prompt) // block <= skipped // block:
-                continue  # no whole block beyond what the cache gave
+        layers = _cache_tensors(cache)
+        for row, sequence in enumerate(joining):
+            if self.prefix_cache.held_length(sequence.model, sequence.prompt) == len(sequence.prompt):
+                continue
             columns = mask[row].nonzero().squeeze(1)  # the prompt's tokens, in order
             kv = torch.stack([torch.stack([k[row].index_select(1, columns), v[row].index_select(1, columns)])
                               for k, v in layers])
