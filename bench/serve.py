@@ -10,10 +10,12 @@ continuous batching within a delta).
 
 For each N clients (``--clients``) and K deltas (``--ks``), N asyncio clients of the official
 ``openai`` package each send ``--requests`` chat requests one after the other (client i asks
-delta i mod K the i-th date question of the bundled held-out data, greedy, ``--max-tokens``
-new tokens at most) to one server, then the same requests to the other (the order of the two
-alternates from one configuration to the next). Per server: completion tokens per second over
-the phase's wall time, p50 and p95 request latency, and requests without an answer. At the
+delta i mod K; its j-th request asks the (i + j·N)-th date question of the bundled held-out
+data, so no two requests of a phase ask the same while there are questions enough; greedy,
+``--max-tokens`` new tokens at most) to one server, then the same requests to the other (the
+order of the two alternates from one configuration to the next). The clients are made and
+connected before the clock starts. Per server: completion tokens per second over the phase's
+wall time, p50 and p95 request latency, and requests without an answer. At the
 largest N every answer is checked against ``deltatune generate``'s for its delta and
 question (the model with that delta activated, greedy ``generate``), computed in this process.
 
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -84,26 +87,41 @@ async def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
     raise SystemExit(f"the server at {url} did not come up")
 
 
+class Result(NamedTuple):
+    client: int
+    delta: str
+    question: str
+    answer: str | None  # None: the request failed
+    tokens: int         # completion tokens
+    latency: float
+
+
 async def load(url: str, clients: int, k: int, requests: int, max_tokens: int, asked: list[str]):
-    """Every client's requests, one after the other; returns (wall seconds, results) with a
-    result (client, delta, answer or None, completion tokens, latency) per request."""
+    """Every client's requests, one after the other (client i's j-th asks question i + j·clients):
+    returns (wall seconds, a Result per request)."""
     import openai
 
+    # a client of its own per user, as separate users have: one connection each, no shared pool;
+    # made and connected (one GET /v1/models each) before the clock starts: 32 clients' first
+    # requests take ~0.7 s of this process's time here, the benchmark's own cost, not the server's
+    users = [openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0, timeout=600) for _ in range(clients)]
+    await asyncio.gather(*(user.models.list() for user in users))
+
     async def one_client(i: int):
-        # a client of its own per user, as separate users have: one connection each, no shared pool
-        client = openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
+        client = users[i]
         done = []
-        for _ in range(requests):
+        for j in range(requests):
+            question = asked[(i + j * clients) % len(asked)]
             started = time.perf_counter()
             try:
                 reply = await client.chat.completions.create(
-                    model=f"d{i % k}", messages=[{"role": "user", "content": asked[i % len(asked)]}],
+                    model=f"d{i % k}", messages=[{"role": "user", "content": question}],
                     max_tokens=max_tokens, temperature=0)
                 answer, tokens = reply.choices[0].message.content, reply.usage.completion_tokens
             except openai.APIError as exc:
                 print(f"  request of client {i} failed: {exc}", flush=True)
                 answer, tokens = None, 0
-            done.append((i, f"d{i % k}", answer, tokens, time.perf_counter() - started))
+            done.append(Result(i, f"d{i % k}", question, answer, tokens, time.perf_counter() - started))
         return done
 
     started = time.perf_counter()
@@ -155,10 +173,11 @@ async def main() -> None:
         root = Path(tmp)
         dirs = make_deltas(max(ks), root)
         urls = {mode: f"http://127.0.0.1:{args.port + i}/v1" for i, mode in enumerate(MODES)}
-        servers = {mode: start_server(dirs, args.port + i, args.dtype, [] if mode == "mixed" else ["--one-delta-at-a-time"],
-                                      root / f"server-{i}.log") for i, mode in enumerate(MODES)}
+        servers = {}
         try:
-            for i, mode in enumerate(MODES):
+            for i, mode in enumerate(MODES):  # one after the other: two loading at once share the cores badly
+                servers[mode] = start_server(dirs, args.port + i, args.dtype, [] if mode == "mixed" else ["--one-delta-at-a-time"],
+                                             root / f"server-{i}.log")
                 await wait_until_up(urls[mode], servers[mode], root / f"server-{i}.log")
             # one request each, so first-call costs stay out of the timings
             for mode in MODES:
@@ -173,9 +192,9 @@ async def main() -> None:
                         measured[mode] = await load(urls[mode], n, k, requests, args.max_tokens, asked)
                     for mode in MODES:
                         seconds, results = measured[mode]
-                        tokens = sum(r[3] for r in results)
-                        lost = sum(r[2] is None for r in results)
-                        latencies = [r[4] for r in results if r[2] is not None]
+                        tokens = sum(r.tokens for r in results)
+                        lost = sum(r.answer is None for r in results)
+                        latencies = [r.latency for r in results if r.answer is not None]
                         rows.append((n, k, mode, len(results), lost, tokens, seconds, tokens / seconds,
                                      percentile(latencies, 0.5), percentile(latencies, 0.95)))
                         print(f"N={n:>2} K={k:>2} {mode:<20} {len(results):>3} requests ({lost} lost), {tokens:>4} tokens "
@@ -192,11 +211,11 @@ async def main() -> None:
 
         # every delta's answer to the first question too, to show the deltas answer differently
         # (a check that could not see a request routed to the wrong delta otherwise)
-        wanted = references(dirs, {(r[1], asked[r[0] % len(asked)]) for *_, r in checked}
+        wanted = references(dirs, {(r.delta, r.question) for *_, r in checked}
                             | {(name, asked[0]) for name in dirs}, args.max_tokens, args.dtype)
         wrong = [(mode, n, k, r) for mode, n, k, r in checked
-                 if r[2] is not None and r[2].strip() != wanted[(r[1], asked[r[0] % len(asked)])]]
-        lost = sum(r[2] is None for *_, r in checked)
+                 if r.answer is not None and r.answer.strip() != wanted[(r.delta, r.question)]]
+        lost = sum(r.answer is None for *_, r in checked)
         distinct = len({wanted[(name, asked[0])] for name in dirs})
 
     print("\n| clients | deltas K | serving | requests (lost) | tokens/s | p50 latency | p95 latency | mixed / one-at-a-time |")
@@ -216,7 +235,7 @@ async def main() -> None:
               f"{stats['prompt_tokens']} prompt tokens from the prefix cache, at most {stats['max_batch']} rows and "
               f"{stats['max_models_in_a_step']} deltas in a step")
     for mode, n, k, r in wrong[:5]:
-        print(f"  {mode} N={n} K={k} {r[1]}: {r[2]!r} vs {wanted[(r[1], asked[r[0] % len(asked)])]!r}")
+        print(f"  {mode} N={n} K={k} {r.delta}: {r.answer!r} vs {wanted[(r.delta, r.question)]!r}")
 
 
 if __name__ == "__main__":
