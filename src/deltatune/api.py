@@ -462,10 +462,11 @@ def route(model: nn.Module, names_per_sample: Sequence[str | None], *, stacks: d
     the low-rank factors stacked and gathered for the rows are kept for the block's next
     forward (a decoding loop's steps): change no delta's weights inside one ``route`` block.
 
-    ``stacks``: a dict, empty at first, that keeps each layer's stacked low-rank factors beyond
-    this block; pass the same dict to later ``route`` calls (a server whose batch's rows change
-    from step to step) so that only a layer whose set of routed deltas changed restacks. The
-    contract extends to it: clear it after changing, deleting or replacing any delta's weights.
+    ``stacks``: a dict, empty at first, that keeps each layer's stacked low-rank factors (all its
+    low-rank deltas) beyond this block; pass the same dict to later ``route`` calls (a server
+    whose batch's rows change from step to step): a layer restacks only for a delta its stack
+    lacks, and a batch of few of many deltas takes their slots out of the stack. The contract
+    extends to it: clear it after changing, deleting or replacing any delta's weights.
     """
     check_model("route", model)
     wanted = [n for n in dict.fromkeys(names_per_sample) if n is not None]
