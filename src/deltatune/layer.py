@@ -192,9 +192,9 @@ class Routing:
     def __init__(self, names_per_sample: list[str | None], stacks: dict | None = None):
         self.names_per_sample = list(names_per_sample)
         self._cache: dict[tuple, Any] = {}
-        #: per layer: its routed deltas' low-rank factors stacked, for the deltas last routed
-        #: through it; a caller may own this dict and hand it to later routings (see route())
-        self.stacks: dict[int, tuple] = {} if stacks is None else stacks
+        #: per layer: all its low-rank deltas' factors stacked (see stacked_factors); a caller
+        #: may own this dict and hand it to later routings (see route())
+        self.stacks: dict[int, _Stack] = {} if stacks is None else stacks
 
     def rows_for(self, rows: int, device: torch.device) -> dict[str, Tensor]:
         key = (rows, device)

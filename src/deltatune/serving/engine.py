@@ -427,8 +427,8 @@ class Engine:
             else:
                 current = self._running[0].model if self._running else (self._waiting[0].model if self._waiting else None)
                 taken = [s for s in self._waiting if s.model == current][:room]
-            # joining a batch at least half full costs a copy of its cache: a few joiners wait a
-            # few steps for more, so that they join with one prefill and one copy
+            # each join costs a prefill forward, whose fixed cost is about a decode step's: while the
+            # batch is at least half full a few joiners wait a few steps for more, to share one
             if (taken and len(taken) < room and len(self._running) >= self.max_batch / 2
                     and self._held_steps < self.join_wait_steps):
                 self._held_steps += 1
@@ -529,7 +529,7 @@ class Engine:
             mask[row, prefix + width - len(rest):] = 1
             sequence.cached_tokens = skipped
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, prefix:]  # as generate computes them
-        cache = self._cache_from(cached, prefix) if prefix else self._new_cache()
+        cache = self._cache_from(cached, prefix, room=width) if prefix else self._new_cache()
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         logits = self._forward([s.model for s in joining], ids, mask, positions, cache)
         self.stats.prefills += 1
@@ -547,11 +547,15 @@ class Engine:
         self._join([joining[r] for r in keep], cache, mask.index_select(0, index), tokens.index_select(0, index),
                    lengths.index_select(0, index))
 
-    def _cache_from(self, cached: list[torch.Tensor | None], width: int):
-        """A cache holding each row's cached prefix, right-aligned in ``width`` columns."""
+    def _cache_from(self, cached: list[torch.Tensor | None], width: int, room: int):
+        """A cache holding each row's cached prefix, right-aligned in ``width`` columns, with room
+        for ``room`` more (the rest of the prompts)."""
         like = next(kv for kv in cached if kv is not None)
         rows = torch.stack([_left_pad(kv if kv is not None else like[:, :, :, :0], width, 3) for kv in cached], 2)
-        return self._cache_holding([(layer[0], layer[1]) for layer in rows.to(self.device)])
+        cache = self._new_cache()
+        for layer, (keys, values) in zip(cache.layers, rows.to(self.device)):
+            layer.hold(keys, values, room)
+        return cache
 
     def _remember_prefixes(self, joining: list[Sequence], cache, mask: torch.Tensor) -> None:
         """Put the prompts' keys and values into the prefix cache, where it does not hold them yet."""
@@ -687,22 +691,21 @@ class BatchLayer(DynamicLayer):
     hidden: a zero attention weight times NaN is NaN). A layer given other tensors (by
     transformers' own cache methods) moves them into new buffers at its next update."""
 
-    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Start over from ``keys`` and ``values`` (copied into new buffers)."""
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
+        """Start over from ``keys`` and ``values`` (copied into new buffers with room for ``room``
+        more columns, and spare ones)."""
         self.lazy_initialization(keys, values)
-        self.buffers = (keys.new_zeros(0), values.new_zeros(0))
-        self.rows, self.start, self.end = keys.shape[0], 0, 0
-        self._make_room(rows=keys.shape[0], before=0, after=keys.shape[-2], like=(keys, values))
+        self.buffers = tuple(_spare_buffer(t, t.shape[0], t.shape[-2] + room) for t in (keys, values))
+        self.rows, self.start, self.end = keys.shape[0], 0, keys.shape[-2]
         self._write(keys, values, 0)
-        self.end = keys.shape[-2]
         self._refresh()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        new = key_states.shape[-2]
         if not self.is_initialized or getattr(self, "views", None) is None \
                 or self.views[0] is not self.keys or self.views[1] is not self.values:
             held = self.is_initialized and self.keys is not None and self.keys.numel() > 0
-            self.hold(*((self.keys, self.values) if held else (key_states[..., :0, :], value_states[..., :0, :])))
-        new = key_states.shape[-2]
+            self.hold(*((self.keys, self.values) if held else (key_states[..., :0, :], value_states[..., :0, :])), room=new)
         self._make_room(rows=self.rows, before=0, after=new)
         self._write(key_states, value_states, self.end)
         self.end += new
@@ -736,21 +739,16 @@ class BatchLayer(DynamicLayer):
         self.start += count
         self._refresh()
 
-    def _make_room(self, rows: int, before: int, after: int, like: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def _make_room(self, rows: int, before: int, after: int) -> None:
         """Buffers with ``rows`` rows, ``before`` free columns before ``start`` and ``after`` after
-        ``end``: the current ones if they have them, else new ones (with a quarter more columns
-        than needed, at least 16) that the live part moves into."""
+        ``end``: the current ones if they have them, else new ones that the live part moves into."""
         keys, _ = self.buffers
-        if like is None and rows <= keys.shape[0] and before <= self.start and self.end + after <= keys.shape[2]:
+        if rows <= keys.shape[0] and before <= self.start and self.end + after <= keys.shape[2]:
             return
         width = self.end - self.start
-        columns = before + width + after
-        capacity = columns + max(16, columns // 4)
-        fresh = tuple(t.new_zeros((max(rows, t.shape[0] if like is None else 0), *t.shape[1:-2], capacity, t.shape[-1]))
-                      for t in (like or self.buffers))
-        if like is None:
-            for old, new in zip(self.buffers, fresh):
-                new[:self.rows, :, before:before + width] = old[:self.rows, :, self.start:self.end]
+        fresh = tuple(_spare_buffer(old, max(rows, old.shape[0]), before + width + after) for old in self.buffers)
+        for old, new in zip(self.buffers, fresh):
+            new[:self.rows, :, before:before + width] = old[:self.rows, :, self.start:self.end]
         self.buffers, self.start, self.end = fresh, before, before + width
 
     def _write(self, keys: torch.Tensor, values: torch.Tensor, column: int) -> None:
@@ -762,6 +760,12 @@ class BatchLayer(DynamicLayer):
         self.keys = keys[:self.rows, :, self.start:self.end]
         self.values = values[:self.rows, :, self.start:self.end]
         self.views = (self.keys, self.values)
+
+
+def _spare_buffer(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Zeros shaped as ``like`` but with ``rows`` rows and ``columns`` columns plus a quarter more
+    (at least 16), so that the following steps' columns fit without moving the layer again."""
+    return like.new_zeros((rows, *like.shape[1:-2], columns + max(16, columns // 4), like.shape[-1]))
 
 
 #: what one more prefill forward costs beyond its tokens, in padded prompt tokens: joiners are
